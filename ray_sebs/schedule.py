@@ -1,0 +1,238 @@
+"""The stagewise schedules: SEBS, its SSGD baseline and a constant batch. Pure Python.
+
+A run is ``num_stages`` stages of whole epochs. Stage ``s`` (1-based) has a global batch size and a
+learning rate given by the schedule kind:
+
+* ``sebs``: ``B_s = round(B_1 * rho**(s-1))`` and a fixed learning rate ``eta_1``. Past
+  ``max_batch_size`` the batch stays at the cap and the learning rate is divided by the remaining
+  growth instead (the hybrid of Smith et al., 2018), so ``eta_s / B_s`` keeps SSGD's path.
+* ``ssgd``: ``B_1`` throughout, ``eta_s = eta_1 / rho**(s-1)`` (the paper's baseline).
+* ``constant``: ``B_1`` and ``eta_1`` throughout.
+
+Rounding rule: the ideal batch ``B_1 * rho**(s-1)`` is rounded half-up to the nearest multiple of
+``batch_granularity`` (never below one granule), then capped at ``max_batch_size`` rounded down
+to a multiple of the granularity. Before the cap the SEBS learning rate is exactly ``eta_1``, so
+``eta_s / B_s`` equals SSGD's up to that rounding alone (exactly, whenever ``B_1 * rho**(s-1)`` is
+a multiple of the granularity); past the cap it is equal by construction.
+
+Updates: every update uses exactly ``B_s`` samples and the last partial batch of each epoch is
+dropped (``drop_last``), so a stage makes ``epochs * floor(N / B_s)`` updates and uses
+``updates * B_s`` samples.
+
+This module imports neither ray nor torch: the CLI plans a run before any cluster exists.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from ray_sebs.errors import ConfigError
+
+ScheduleKind = Literal["sebs", "ssgd", "constant"]
+SCHEDULE_KINDS: tuple[str, ...] = ("sebs", "ssgd", "constant")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """A stagewise run, independent of the dataset and the cluster."""
+
+    kind: ScheduleKind = "sebs"
+    """``sebs`` grows the batch, ``ssgd`` decays the learning rate, ``constant`` does neither."""
+
+    initial_batch_size: int = 16
+    """Global batch size of stage 1 (B_1), summed over all workers."""
+
+    growth_ratio: float = 2.0
+    """Growth ratio rho >= 1: SEBS multiplies the batch by it per stage, SSGD divides the learning
+    rate by it. 1 gives the constant-batch baseline."""
+
+    num_stages: int = 4
+    """Number of stages S."""
+
+    epochs_per_stage: int | tuple[int, ...] = 10
+    """Epochs in each stage: one value for every stage, or one value per stage."""
+
+    learning_rate: float = 0.1
+    """Learning rate of stage 1 (eta_1)."""
+
+    max_batch_size: int | None = None
+    """Cap on the global batch. SEBS stages past it keep the cap and decay the learning rate by the
+    remaining growth instead. ``None``: no cap."""
+
+    batch_granularity: int = 1
+    """Global batches are rounded to a multiple of this (e.g. the worker count, so that every
+    worker takes the same number of samples)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULE_KINDS:
+            raise ConfigError("kind", self.kind, "unknown schedule kind",
+                              f"use one of {', '.join(SCHEDULE_KINDS)}")
+        _require_int("initial_batch_size", self.initial_batch_size, minimum=1,
+                     fix="use a global batch of at least 1 sample")
+        if isinstance(self.growth_ratio, bool) or not isinstance(self.growth_ratio, int | float) \
+                or not math.isfinite(self.growth_ratio) or self.growth_ratio < 1:
+            raise ConfigError("growth_ratio", self.growth_ratio, "must be a number >= 1",
+                              "use 1 for a constant batch, or e.g. 2 to double it every stage")
+        _require_int("num_stages", self.num_stages, minimum=1, fix="use at least 1 stage")
+        epochs = self.epochs_per_stage
+        if isinstance(epochs, Sequence) and not isinstance(epochs, str):
+            epochs = tuple(epochs)
+            object.__setattr__(self, "epochs_per_stage", epochs)
+            if len(epochs) not in (1, self.num_stages):
+                raise ConfigError("epochs_per_stage", ",".join(map(str, epochs)),
+                                  f"gives {len(epochs)} values for {self.num_stages} stages",
+                                  f"give one value, or exactly {self.num_stages} comma-separated")
+            for value in epochs:
+                _require_int("epochs_per_stage", value, minimum=1,
+                             fix="every stage needs at least 1 epoch")
+        else:
+            _require_int("epochs_per_stage", epochs, minimum=1,
+                         fix="every stage needs at least 1 epoch")
+        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float) \
+                or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError("learning_rate", self.learning_rate, "must be a positive number",
+                              "use e.g. 0.1")
+        _require_int("batch_granularity", self.batch_granularity, minimum=1,
+                     fix="use 1 for no rounding, or the worker count")
+        if self.initial_batch_size % self.batch_granularity:
+            raise ConfigError("initial_batch_size", self.initial_batch_size,
+                              f"is not a multiple of batch_granularity={self.batch_granularity}",
+                              "choose a first batch that the granularity divides")
+        if self.max_batch_size is not None:
+            _require_int("max_batch_size", self.max_batch_size, minimum=1,
+                         fix="use a positive cap, or none")
+            if self.max_batch_size < self.initial_batch_size:
+                raise ConfigError("max_batch_size", self.max_batch_size,
+                                  f"is below the first batch ({self.initial_batch_size})",
+                                  "use a cap >= the initial batch size, or none")
+
+    def epochs_of_stage(self, stage: int) -> int:
+        """Epochs in 1-based ``stage``."""
+        epochs = self.epochs_per_stage
+        if isinstance(epochs, tuple):
+            return epochs[0] if len(epochs) == 1 else epochs[stage - 1]
+        return epochs
+
+    def baseline(self) -> ScheduleConfig:
+        """The SSGD schedule with the same ratio, stages, epochs and first batch."""
+        return replace(self, kind="ssgd")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a schedule applied to a dataset of known size."""
+
+    index: int
+    """1-based stage number."""
+    first_epoch: int
+    """0-based index of the stage's first epoch in the whole run."""
+    epochs: int
+    """Epochs in this stage."""
+    global_batch_size: int
+    """Samples per optimizer update, summed over all workers."""
+    learning_rate: float
+    """Learning rate for every update of this stage."""
+    updates_per_epoch: int
+    """``floor(dataset_size / global_batch_size)``: the last partial batch is dropped."""
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates (= all-reduce rounds in data-parallel training) in this stage."""
+        return self.epochs * self.updates_per_epoch
+
+    @property
+    def samples(self) -> int:
+        """Samples used by this stage's updates."""
+        return self.updates * self.global_batch_size
+
+    @property
+    def end_epoch(self) -> int:
+        """0-based index of the first epoch after this stage."""
+        return self.first_epoch + self.epochs
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A :class:`ScheduleConfig` evaluated for a dataset size: the stages and the run's totals."""
+
+    config: ScheduleConfig
+    dataset_size: int
+    stages: tuple[Stage, ...] = field(repr=False)
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+    @property
+    def total_updates(self) -> int:
+        return sum(stage.updates for stage in self.stages)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(stage.samples for stage in self.stages)
+
+    def stage_of_epoch(self, epoch: int) -> Stage:
+        """The stage that contains 0-based ``epoch``."""
+        for stage in self.stages:
+            if stage.first_epoch <= epoch < stage.end_epoch:
+                return stage
+        raise IndexError(f"epoch {epoch} is outside the run's {self.total_epochs} epochs")
+
+
+def ideal_batch_size(config: ScheduleConfig, stage: int) -> float:
+    """``B_1 * rho**(s-1)`` for SEBS, ``B_1`` otherwise: the batch before rounding and capping."""
+    if config.kind != "sebs":
+        return float(config.initial_batch_size)
+    return config.initial_batch_size * config.growth_ratio ** (stage - 1)
+
+
+def stage_batch_and_lr(config: ScheduleConfig, stage: int) -> tuple[int, float]:
+    """Global batch size and learning rate of 1-based ``stage`` (see the module's rules)."""
+    granularity = config.batch_granularity
+    if config.kind == "ssgd":
+        return config.initial_batch_size, config.learning_rate / config.growth_ratio ** (stage - 1)
+    if config.kind == "constant":
+        return config.initial_batch_size, config.learning_rate
+    ideal = ideal_batch_size(config, stage)
+    batch = granularity * max(1, math.floor(ideal / granularity + 0.5))
+    if config.max_batch_size is not None:
+        cap = granularity * (config.max_batch_size // granularity)
+        if batch > cap:
+            # Hybrid: the batch stops growing and the learning rate takes the rest of the growth.
+            return cap, config.learning_rate * cap / ideal
+    return batch, config.learning_rate
+
+
+def build_schedule(config: ScheduleConfig, dataset_size: int) -> Schedule:
+    """Evaluate ``config`` on a dataset of ``dataset_size`` samples.
+
+    Raises :class:`ConfigError` when a stage's batch is larger than the dataset (it would make no
+    update at all).
+    """
+    _require_int("dataset_size", dataset_size, minimum=1, fix="the dataset needs at least 1 row")
+    stages = []
+    first_epoch = 0
+    for index in range(1, config.num_stages + 1):
+        batch, learning_rate = stage_batch_and_lr(config, index)
+        if batch > dataset_size:
+            raise ConfigError(
+                "dataset_size", dataset_size,
+                f"is smaller than stage {index}'s global batch of {batch}",
+                "use more data, a smaller initial batch, fewer stages or a max batch size",
+            )
+        epochs = config.epochs_of_stage(index)
+        stages.append(Stage(index=index, first_epoch=first_epoch, epochs=epochs,
+                            global_batch_size=batch, learning_rate=learning_rate,
+                            updates_per_epoch=dataset_size // batch))
+        first_epoch += epochs
+    return Schedule(config=config, dataset_size=dataset_size, stages=tuple(stages))
+
+
+def _require_int(name: str, value: object, *, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, "must be an integer", fix)
+    if value < minimum:
+        raise ConfigError(name, value, f"must be >= {minimum}", fix)
