@@ -167,7 +167,7 @@ def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None) -> str:
 
 def default_dataset_size() -> int:
     """Training rows of the default dataset (digits with the default validation split)."""
-    from ray_sebs.data import DIGITS_ROWS, DEFAULT_VALIDATION_FRACTION, split_sizes
+    from ray_sebs.data import DEFAULT_VALIDATION_FRACTION, DIGITS_ROWS, split_sizes
 
     return split_sizes(DIGITS_ROWS, DEFAULT_VALIDATION_FRACTION)[0]
 

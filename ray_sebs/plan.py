@@ -68,10 +68,7 @@ class ClusterConfig:
 
     def worker_bundle(self) -> dict[str, float]:
         """The resources one worker reserves, with Ray Train's defaults filled in."""
-        if self.resources_per_worker is not None:
-            bundle = dict(self.resources_per_worker)
-        else:
-            bundle = {"CPU": 1.0}
+        bundle = dict(self.resources_per_worker or {"CPU": 1.0})
         if self.use_gpu:
             bundle.setdefault("GPU", 1.0)
         return bundle
