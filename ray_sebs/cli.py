@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ray_sebs.errors import ConfigError
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
@@ -32,6 +34,18 @@ FLAG_OF_FIELD = {
     "max_workers": "--max-workers",
     "max_micro_batch": "--max-micro-batch",
     "resources_per_worker": "--resources-per-worker",
+    "optimizer": "--optimizer",
+    "model": "--model",
+    "dataset": "--data",
+    "data_path": "--data",
+    "feature_columns": "--feature-columns",
+    "label_column": "--label-column",
+    "validation_path": "--validation-data",
+    "validation_fraction": "--validation-fraction",
+    "num_classes": "--num-classes",
+    "storage_path": "--storage-path",
+    "address": "--address",
+    "name": "--name",
 }
 
 DEFAULTS = ScheduleConfig(epochs_per_stage=5)
@@ -179,6 +193,18 @@ def command_plan(args: argparse.Namespace) -> int:
     plan = build_plan(schedule_config, dataset_size, cluster)
     baseline = (build_plan(schedule_config.baseline(), dataset_size, cluster)
                 if schedule_config.kind != "ssgd" else None)
+    emitted = ""
+    if args.emit_kuberay:  # first, so a bad Kubernetes flag fails before any output
+        from ray_sebs.kuberay import emit_ray_job
+
+        try:
+            emitted = emit_ray_job(plan, args.emit_kuberay, image=args.image,
+                                   storage_path=args.storage_path, auth_secret=args.auth_secret,
+                                   name=args.job_name, job_args=args.job_args)
+        except ConfigError as error:  # name the plan flag, not the manifest field
+            flag = {"image": "--image", "auth_secret": "--auth-secret", "job_name": "--job-name",
+                    "job_args": "--job-args"}.get(error.field, error.field)
+            raise ConfigError(flag, error.value, error.problem, error.fix) from None
     if args.json:
         document = plan.to_dict()
         if baseline is not None:
@@ -196,10 +222,157 @@ def command_plan(args: argparse.Namespace) -> int:
             print(f"wrote {args.json}")
     if args.json != "-":
         print(format_plan(plan, baseline))
+    if emitted:
+        print(emitted, file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"plan": command_plan}
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Data, model, optimizer and run flags that ``train`` and ``tune`` share."""
+    from ray_sebs.data import DATASET_NAMES, DEFAULT_VALIDATION_FRACTION
+    from ray_sebs.loop import OPTIMIZERS
+    from ray_sebs.models import MODEL_NAMES
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASET_NAMES, default="digits",
+                      help="built-in dataset when --data is not given (default: %(default)s)")
+    data.add_argument("--data", default=None, metavar="PATH",
+                      help="a Parquet or CSV file or directory to train on instead")
+    data.add_argument("--feature-columns", default=None, metavar="A,B,C",
+                      help="feature columns of --data (default: every column but the label)")
+    data.add_argument("--label-column", default="label",
+                      help="integer class label column of --data (default: %(default)s)")
+    data.add_argument("--num-classes", type=int, default=None,
+                      help="number of classes (default: largest label + 1)")
+    data.add_argument("--validation-data", default=None, metavar="PATH",
+                      help="a separate validation file (default: a seeded split of the training data)")
+    data.add_argument("--validation-fraction", type=float, default=DEFAULT_VALIDATION_FRACTION,
+                      help="share of rows held out for validation without --validation-data "
+                           "(default: %(default)s)")
+    data.add_argument("--no-standardize", dest="standardize", action="store_false",
+                      help="do not standardize features (default: Ray Data's StandardScaler, "
+                           "fitted on the training split)")
+    data.add_argument("--synthetic-rows", type=int, default=4096,
+                      help="rows of --dataset synthetic (default: %(default)s)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--model", choices=MODEL_NAMES, default="mlp",
+                          help="logreg (convex), mlp or cnn (image-shaped data) (default: %(default)s)")
+    training.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                          help="sgd, momentum (0.9), adagrad, adam or adamw (default: %(default)s)")
+    training.add_argument("--seed", type=int, default=0, help="seed for data split, init and order")
+    training.add_argument("--max-failures", type=int, default=1,
+                          help="worker-group failures to recover from, from the last checkpoint "
+                               "(default: %(default)s)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster to use, e.g. auto or ray://host:10001 (default: start a local "
+                          "Ray in-process, or the cluster of a `ray job submit`)")
+    run.add_argument("--num-cpus", type=int, default=None,
+                     help="CPUs of the local Ray started without --address (default: all)")
+    run.add_argument("--storage-path", default="./sebs_runs",
+                     help="where runs live; shared storage (s3://, gs://, NFS) on a multi-node "
+                          "cluster (default: %(default)s)")
+    run.add_argument("--name", default=None,
+                     help="run name; the same name resumes an interrupted run "
+                          "(default: derived from the config and time)")
+
+
+def dataset_config_from_args(args: argparse.Namespace) -> Any:
+    from ray_sebs.data import DatasetConfig
+
+    return DatasetConfig(
+        name=args.dataset, path=args.data,
+        feature_columns=tuple(args.feature_columns.split(",")) if args.feature_columns else None,
+        label_column=args.label_column, validation_path=args.validation_data,
+        validation_fraction=args.validation_fraction, standardize=args.standardize,
+        num_classes=args.num_classes, synthetic_rows=args.synthetic_rows, seed=args.seed)
+
+
+def connect_ray(args: argparse.Namespace) -> None:
+    """Join ``--address`` (or the job's cluster), else start a local Ray in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise ConfigError("address", address, f"no Ray cluster could be reached ({error})",
+                          "start one with `ray start --head` or pass the right --address") from None
+
+
+def check_storage_path(storage_path: str) -> None:
+    """A local storage path must be writable before any resources are requested."""
+    if "://" in storage_path:
+        return
+    path = os.path.abspath(os.path.expanduser(storage_path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError("storage_path", storage_path, f"is not writable ({error.strerror})",
+                          "pass a writable directory or a shared URI (s3://, gs://)") from None
+
+
+def command_train(args: argparse.Namespace) -> int:
+    """Validate everything, then train on Ray and write the run's outputs."""
+    import functools
+
+    from ray.train import FailureConfig, RunConfig
+
+    from ray_sebs.data import check_min_rows, load_data
+    from ray_sebs.loop import OptimizerConfig
+    from ray_sebs.models import build_model, check_model
+    from ray_sebs.report import stage_table, write_history
+    from ray_sebs.trainer import SEBSTrainer
+
+    schedule_config = schedule_config_from_args(args)
+    cluster = cluster_config_from_args(args)
+    optimizer = OptimizerConfig(name=args.optimizer)
+    dataset_config = dataset_config_from_args(args)
+    check_storage_path(args.storage_path)
+    connect_ray(args)
+    data = load_data(dataset_config)
+    check_min_rows(data, schedule_config.initial_batch_size)
+    check_model(args.model, data.input_shape)
+    datasets = {"train": data.train}
+    if data.validation is not None:
+        datasets["validation"] = data.validation
+    trainer = SEBSTrainer(
+        functools.partial(build_model, args.model, data.input_shape, data.num_classes),
+        datasets=datasets, schedule=schedule_config, cluster=cluster, optimizer=optimizer,
+        run_config=RunConfig(name=args.name, storage_path=args.storage_path,
+                             failure_config=FailureConfig(max_failures=args.max_failures)),
+        seed=args.seed)
+    plan = trainer.plan()
+    print(format_plan(plan), flush=True)
+    print(flush=True)
+    result = trainer.fit()
+    paths = write_history(result.history, result.run_dir)
+    summary = result.summary
+    print()
+    print(stage_table(result.history))
+    print()
+    print(f"updates {summary['updates']:,} (planned {summary['planned_updates']:,}), samples "
+          f"{summary['samples']:,}, final validation accuracy {summary['final_validation_accuracy']:.4f}")
+    print(f"wall time {summary['wall_time_s']:.1f}s, worker-group restarts "
+          f"{summary['worker_group_restarts']} costing {summary['restart_time_s']:.1f}s, "
+          f"worker-seconds {summary['worker_seconds']:.1f}")
+    print(f"run directory: {result.run_dir}")
+    for kind, path in paths.items():
+        print(f"  {kind}: {path}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "plan": command_plan,
+    "train": command_train,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_flags(plan, with_dataset_size=True)
     plan.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                       help="write the plan as JSON to FILE (or stdout with no FILE)")
+    kuberay = plan.add_argument_group("kubernetes (with --emit-kuberay)")
+    kuberay.add_argument("--emit-kuberay", default=None, metavar="FILE",
+                         help="write a KubeRay RayJob that trains this plan to FILE: worker group "
+                              "0..peak workers, pods sized from the per-worker resources")
+    kuberay.add_argument("--image", default=None,
+                         help="image of the Ray pods, built from cluster/Dockerfile "
+                              "(default: ray-sebs:0.1.0)")
+    kuberay.add_argument("--storage-path", default=None, metavar="URI",
+                         help="shared storage every pod reaches, e.g. s3://bucket/sebs_runs "
+                              "(default: a placeholder to replace)")
+    kuberay.add_argument("--auth-secret", default=None, metavar="NAME",
+                         help="Secret with the Ray token under key auth_token "
+                              "(default: ray-sebs-auth-token)")
+    kuberay.add_argument("--job-name", default=None, metavar="NAME",
+                         help="RayJob and run name; the same name resumes the run "
+                              "(default: from the plan, e.g. sebs-rho2-b16-w2)")
+    kuberay.add_argument("--job-args", default="", metavar="'FLAGS'",
+                         help="further `ray-sebs train` flags for the job, shell-quoted after '=', "
+                              "e.g. --job-args='--data s3://bucket/train.parquet --label-column y'")
+    train = commands.add_parser(
+        "train", help="train with SEBS on Ray (the main job)",
+        description="Train on Ray with SEBS. With no arguments: a local Ray, the MLP on digits, "
+                    "SEBS rho=2 over 4 stages growing from 1 to 2 workers. Writes history.json, "
+                    "history.csv, curves.png and TensorBoard scalars to <storage-path>/<name>/.")
+    add_plan_flags(train, with_dataset_size=False)
+    add_training_flags(train)
     return parser
 
 
@@ -225,6 +424,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         flag = FLAG_OF_FIELD.get(error.field, error.field)
         print(f"ray-sebs {args.command}: error: {error.describe(flag)}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if type(error).__name__ not in ("TrainingFailedError", "NonFiniteLossError"):
+            raise
+        print(f"ray-sebs {args.command}: failed: {root_cause(error)}", file=sys.stderr)
+        return 1
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost message of a chain of Ray wrappers: what actually went wrong."""
+    from ray_sebs.errors import NonFiniteLossError
+
+    seen = error
+    while True:
+        if isinstance(seen, NonFiniteLossError):
+            return str(seen)
+        inner = seen.__cause__ or getattr(seen, "cause", None) or seen.__context__
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    lines = [line for line in str(seen).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(seen).__name__
 
 
 def run() -> NoReturn:

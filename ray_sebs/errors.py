@@ -23,3 +23,20 @@ class ConfigError(ValueError):
     def describe(self, name: str) -> str:
         """The one-line message, naming the field as ``name`` (a flag or an attribute)."""
         return f"{name}={self.value!r}: {self.problem}; {self.fix}"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is the epoch before."""
+
+    def __init__(self, stage: int, update: int, global_batch_size: int, epoch: int) -> None:
+        self.stage = stage
+        self.update = update
+        self.global_batch_size = global_batch_size
+        self.epoch = epoch
+        super().__init__(
+            f"non-finite training loss at stage {stage}, update {update} (epoch {epoch}, global "
+            f"batch {global_batch_size}); the last good checkpoint is the end of epoch {epoch - 1}. "
+            "Lower --lr, check the data for extreme values, or use a smaller --ratio")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.stage, self.update, self.global_batch_size, self.epoch))

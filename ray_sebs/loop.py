@@ -1,0 +1,318 @@
+"""The per-worker training loop of one segment, top to bottom.
+
+Ray Train runs :func:`train_segment` on every worker of a segment's worker group. It restores the
+latest checkpoint (the previous segment's, or this segment's after a resize or a failure), then
+trains epoch by epoch until the segment's last epoch. Everything it needs about batch sizes,
+learning rates and update counts comes from the :class:`~ray_sebs.plan.ElasticPlan`; the only
+thing read from the live cluster is the world size, which picks the plan's decomposition.
+
+One update, on every rank:
+
+1. pull ``rank_samples[rank]`` rows from the Ray Data shard (one batch of the iterator);
+2. split them into ``accumulation_steps`` micro-batches of at most ``max_micro_batch`` rows;
+3. backward the *summed* per-sample loss times ``world_size / B`` on each micro-batch, under
+   DDP's ``no_sync()`` on all but the last, so gradients are all-reduced once per update;
+4. step the optimizer: the gradient is exactly the mean over the stage's ``B`` samples.
+
+Ranks pull whole update batches rather than micro-batches from the iterator so that uneven splits
+(``B`` not divisible by the world size, or a rank's share not divisible by the accumulation steps)
+need no special case: only micro-batches ever reach the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ray_sebs.errors import NonFiniteLossError
+from ray_sebs.plan import ElasticPlan
+from ray_sebs.report import format_epoch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "sebs_state.pt"
+EVAL_BATCH_SIZE = 1024
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_fn(logits, labels)`` returns one loss per sample (``reduction="none"``)."""
+
+
+def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer; the paper covers plain SGD, momentum SGD and AdaGrad."""
+
+    name: str = "sgd"
+    """``sgd``, ``momentum`` (SGD with momentum), ``adagrad``, ``adam`` or ``adamw``."""
+    momentum: float = 0.9
+    """Momentum of ``momentum``; ignored by the others."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for ``adamw``)."""
+
+    def __post_init__(self) -> None:
+        from ray_sebs.errors import ConfigError
+
+        if self.name not in OPTIMIZERS:
+            raise ConfigError("optimizer", self.name, "unknown optimizer",
+                              f"use one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", self.momentum, "must be in [0, 1)", "use e.g. 0.9")
+        if not self.weight_decay >= 0:
+            raise ConfigError("weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0 or 1e-4")
+
+    def build(self, parameters: Any, learning_rate: float) -> torch.optim.Optimizer:
+        if self.name == "sgd":
+            return torch.optim.SGD(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+        if self.name == "momentum":
+            return torch.optim.SGD(parameters, lr=learning_rate, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        if self.name == "adagrad":
+            return torch.optim.Adagrad(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+        if self.name == "adam":
+            return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+
+
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds besides the tensors: where the run is and what it did."""
+
+    next_epoch: int = 0
+    updates: int = 0
+    samples: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """What :func:`train_segment` gets through ``train_loop_config``."""
+
+    plan: ElasticPlan
+    segment_index: int
+    model_factory: Callable[[], nn.Module]
+    optimizer: OptimizerConfig
+    loss_fn: LossFn
+    seed: int
+    has_validation: bool
+
+
+def train_segment(loop_config: dict[str, Any]) -> None:
+    config: SegmentConfig = loop_config["segment"]
+    plan = config.plan
+    segment = plan.segments[config.segment_index]
+    context = ray.train.get_context()
+    world_size, rank = context.get_world_size(), context.get_world_rank()
+    device = ray.train.torch.get_device()
+    started_at = time.time()
+
+    # Restore before wrapping in DDP so that every rank starts from the same weights.
+    model = config.model_factory()
+    state = TrainState()
+    optimizer_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu",
+                               weights_only=False)
+        load_model_state(model, saved["model"])
+        optimizer_state = saved["optimizer"]
+        state = TrainState(**saved["state"])
+    if state.next_epoch >= segment.end_epoch:
+        return  # this segment finished before a driver restart; nothing to redo
+    if state.next_epoch < segment.first_epoch:
+        raise RuntimeError(f"segment {segment.index} starts at epoch {segment.first_epoch} but the "
+                           f"latest checkpoint resumes at epoch {state.next_epoch}")
+
+    model = ray.train.torch.prepare_model(model)
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    first_stage = plan.schedule.stage_of_epoch(state.next_epoch)
+    optimizer = config.optimizer.build(model.parameters(), first_stage.learning_rate)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    if world_size < segment.workers and rank == 0:
+        planned = plan.decomposition(first_stage.index, segment.workers)
+        live = plan.decomposition(first_stage.index, world_size)
+        logger.warning(
+            "segment %d planned %d workers but %d are running: stage %d trains at %d micro-steps "
+            "of <= %d rows instead of %d; the global batch stays exactly %d",
+            segment.index, segment.workers, world_size, first_stage.index, live.accumulation_steps,
+            live.micro_batch_size, planned.accumulation_steps, first_stage.global_batch_size)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    validation = ray.train.get_dataset_shard("validation") if config.has_validation else None
+    first_update_at: float | None = None
+
+    for epoch in range(state.next_epoch, segment.end_epoch):
+        stage = plan.schedule.stage_of_epoch(epoch)
+        split = plan.decomposition(stage.index, world_size)
+        micro_batches = split.rank_micro_batches(rank)
+        for group in optimizer.param_groups:
+            group["lr"] = stage.learning_rate
+        # Seeding from (seed, epoch, rank) makes a resumed epoch draw what the original would have.
+        torch.manual_seed(config.seed * 100_003 + epoch * 1009 + rank)
+
+        model.train()
+        epoch_started = time.perf_counter()
+        data_wait = 0.0
+        loss_sum = torch.zeros((), device=device)
+        rows_per_update: list[int] = []  # counted, not assumed: the invariant's evidence
+        first_bad_update = torch.full((), -1, dtype=torch.long, device=device)
+        batches = iter(train_shard.iter_torch_batches(
+            batch_size=split.rank_samples[rank], drop_last=True,
+            local_shuffle_buffer_size=max(4 * split.rank_samples[rank], 1024),
+            local_shuffle_seed=config.seed * 100_003 + epoch * 1009 + rank))
+        for update in range(split.updates_per_epoch):
+            waited_from = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - waited_from
+            features, labels = batch["features"], batch["label"]
+            if len(labels) != split.rank_samples[rank]:
+                raise RuntimeError(f"rank {rank} got {len(labels)} rows for an update that needs "
+                                   f"{split.rank_samples[rank]}")
+            offset = rows = 0
+            for step, size in enumerate(micro_batches):
+                sync = step == len(micro_batches) - 1
+                with contextlib.nullcontext() if sync or model is module else model.no_sync():
+                    micro_labels = labels[offset:offset + size]
+                    losses = config.loss_fn(model(features[offset:offset + size]), micro_labels)
+                    step_loss = losses.sum()
+                    (step_loss * split.loss_scale).backward()
+                loss_sum += step_loss.detach()
+                offset += size
+                rows += len(micro_labels)
+            rows_per_update.append(rows)
+            # Recorded without a host sync; checked once per epoch, on every rank together.
+            first_bad_update = torch.where(
+                (first_bad_update < 0) & ~torch.isfinite(loss_sum),
+                torch.tensor(state.updates + update + 1, device=device), first_bad_update)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if first_update_at is None:
+                first_update_at = time.time()
+        train_time = time.perf_counter() - epoch_started
+
+        epoch_updates = split.updates_per_epoch
+        # Summing each rank's smallest and largest update bounds every update's global row count.
+        totals = all_reduce_sum(torch.tensor(
+            [loss_sum.item(), sum(rows_per_update), min(rows_per_update, default=0),
+             max(rows_per_update, default=0)], dtype=torch.float64, device=device))
+        bad = all_reduce_max(first_bad_update)
+        if bad.item() >= 0:
+            raise NonFiniteLossError(stage=stage.index, update=int(bad.item()),
+                                     global_batch_size=stage.global_batch_size, epoch=epoch)
+        epoch_samples = int(totals[1].item())
+        if epoch_samples != epoch_updates * stage.global_batch_size:
+            raise RuntimeError(f"epoch {epoch} used {epoch_samples} samples for {epoch_updates} "
+                               f"updates of {stage.global_batch_size}")
+        state.updates += epoch_updates
+        state.samples += epoch_samples
+        validation_loss, validation_accuracy = (
+            evaluate(module, validation, config.loss_fn, device, rank, world_size)
+            if validation is not None else (math.nan, math.nan))
+        epoch_time = time.perf_counter() - epoch_started
+        record = {
+            "epoch": epoch,
+            "stage": stage.index,
+            "segment": segment.index,
+            "global_batch_size": stage.global_batch_size,
+            "learning_rate": stage.learning_rate,
+            "world_size": world_size,
+            "target_workers": segment.workers,
+            "micro_batch_size": split.micro_batch_size,
+            "accumulation_steps": split.accumulation_steps,
+            "samples_per_update_min": int(totals[2].item()),
+            "samples_per_update_max": int(totals[3].item()),
+            "epoch_updates": epoch_updates,
+            "updates": state.updates,
+            "samples": state.samples,
+            "train_loss": float(totals[0].item()) / max(epoch_samples, 1),
+            "validation_loss": validation_loss,
+            "validation_accuracy": validation_accuracy,
+            "epoch_time_s": epoch_time,
+            "samples_per_s": epoch_samples / train_time if train_time > 0 else math.nan,
+            "data_wait_fraction": data_wait / epoch_time if epoch_time > 0 else 0.0,
+            "segment_started_at": started_at,
+            "first_update_at": first_update_at,
+            "ended_at": time.time(),
+        }
+        state.history.append(record)
+        state.next_epoch = epoch + 1
+        report_epoch(record, state, module, optimizer, rank)
+
+
+def report_epoch(record: dict[str, Any], state: TrainState, module: nn.Module,
+                 optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Report the epoch on every rank (a barrier); only rank 0 writes the checkpoint."""
+    if rank != 0:
+        ray.train.report(record, checkpoint=None)
+        return
+    print(format_epoch(record), flush=True)
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                    "state": {"next_epoch": state.next_epoch, "updates": state.updates,
+                              "samples": state.samples, "history": state.history}},
+                   os.path.join(directory, CHECKPOINT_FILE))
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def evaluate(module: nn.Module, validation: Any, loss_fn: LossFn, device: torch.device,
+             rank: int, world_size: int) -> tuple[float, float]:
+    """Loss and accuracy over the whole validation set, each rank taking every W-th batch.
+
+    The validation dataset is not split between workers and is read in a fixed order, so the
+    round-robin covers every row exactly once; the sums are all-reduced.
+    """
+    module.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, rows
+    with torch.no_grad():
+        for index, batch in enumerate(validation.iter_torch_batches(batch_size=EVAL_BATCH_SIZE)):
+            if index % world_size != rank:
+                continue
+            logits = module(batch["features"])
+            sums[0] += loss_fn(logits, batch["label"]).sum().double()
+            sums[1] += (logits.argmax(dim=1) == batch["label"]).sum().double()
+            sums[2] += len(batch["label"])
+    sums = all_reduce_sum(sums)
+    rows = sums[2].item()
+    return (sums[0].item() / rows, sums[1].item() / rows) if rows else (math.nan, math.nan)
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load weights, turning an architecture mismatch into an error that says what to do."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise RuntimeError(
+            "the checkpoint does not fit this model (a different --model or data shape?): "
+            f"{str(error).splitlines()[0]}; start a new run with another --name") from None
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
