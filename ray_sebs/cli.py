@@ -230,8 +230,7 @@ def command_plan(args: argparse.Namespace) -> int:
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Data, model, optimizer and run flags that ``train`` and ``tune`` share."""
     from ray_sebs.data import DATASET_NAMES, DEFAULT_VALIDATION_FRACTION
-    from ray_sebs.loop import OPTIMIZERS
-    from ray_sebs.models import MODEL_NAMES
+    from ray_sebs.optim import OPTIMIZERS
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASET_NAMES, default="digits",
@@ -255,7 +254,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--synthetic-rows", type=int, default=4096,
                       help="rows of --dataset synthetic (default: %(default)s)")
     training = parser.add_argument_group("training")
-    training.add_argument("--model", choices=MODEL_NAMES, default="mlp",
+    # Not argparse choices: the model registry imports torch, and building the parser must not.
+    training.add_argument("--model", default="mlp", metavar="logreg|mlp|cnn",
                           help="logreg (convex), mlp or cnn (image-shaped data) (default: %(default)s)")
     training.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                           help="sgd, momentum (0.9), adagrad, adam or adamw (default: %(default)s)")
@@ -319,6 +319,15 @@ def check_storage_path(storage_path: str) -> None:
                           "pass a writable directory or a shared URI (s3://, gs://)") from None
 
 
+def check_storage_shared(storage_path: str, alive_nodes: int) -> None:
+    """On a multi-node cluster, workers on other nodes cannot see a local checkpoint directory."""
+    if alive_nodes > 1 and "://" not in storage_path:
+        raise ConfigError("storage_path", storage_path,
+                          f"is a local path but the cluster has {alive_nodes} nodes",
+                          "use storage every node reaches: s3://..., gs://..., or file:///path for "
+                          "an NFS mount shared by all nodes")
+
+
 def command_train(args: argparse.Namespace) -> int:
     """Validate everything, then train on Ray and write the run's outputs."""
     import functools
@@ -326,17 +335,21 @@ def command_train(args: argparse.Namespace) -> int:
     from ray.train import FailureConfig, RunConfig
 
     from ray_sebs.data import check_min_rows, load_data
-    from ray_sebs.loop import OptimizerConfig
-    from ray_sebs.models import build_model, check_model
+    from ray_sebs.models import build_model, check_model, check_model_name
+    from ray_sebs.optim import OptimizerConfig
     from ray_sebs.report import stage_table, write_history
     from ray_sebs.trainer import SEBSTrainer
 
     schedule_config = schedule_config_from_args(args)
     cluster = cluster_config_from_args(args)
     optimizer = OptimizerConfig(name=args.optimizer)
+    check_model_name(args.model)
     dataset_config = dataset_config_from_args(args)
     check_storage_path(args.storage_path)
     connect_ray(args)
+    import ray
+
+    check_storage_shared(args.storage_path, sum(1 for node in ray.nodes() if node["Alive"]))
     data = load_data(dataset_config)
     check_min_rows(data, schedule_config.initial_batch_size)
     check_model(args.model, data.input_shape)

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ray_sebs.errors import NonFiniteLossError
+from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ElasticPlan
 from ray_sebs.report import format_epoch
 
@@ -52,44 +53,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, labels, reduction="none")
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """The optimizer; the paper covers plain SGD, momentum SGD and AdaGrad."""
-
-    name: str = "sgd"
-    """``sgd``, ``momentum`` (SGD with momentum), ``adagrad``, ``adam`` or ``adamw``."""
-    momentum: float = 0.9
-    """Momentum of ``momentum``; ignored by the others."""
-    weight_decay: float = 0.0
-    """L2 penalty (decoupled for ``adamw``)."""
-
-    def __post_init__(self) -> None:
-        from ray_sebs.errors import ConfigError
-
-        if self.name not in OPTIMIZERS:
-            raise ConfigError("optimizer", self.name, "unknown optimizer",
-                              f"use one of {', '.join(OPTIMIZERS)}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError("momentum", self.momentum, "must be in [0, 1)", "use e.g. 0.9")
-        if not self.weight_decay >= 0:
-            raise ConfigError("weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0 or 1e-4")
-
-    def build(self, parameters: Any, learning_rate: float) -> torch.optim.Optimizer:
-        if self.name == "sgd":
-            return torch.optim.SGD(parameters, lr=learning_rate, weight_decay=self.weight_decay)
-        if self.name == "momentum":
-            return torch.optim.SGD(parameters, lr=learning_rate, momentum=self.momentum,
-                                   weight_decay=self.weight_decay)
-        if self.name == "adagrad":
-            return torch.optim.Adagrad(parameters, lr=learning_rate, weight_decay=self.weight_decay)
-        if self.name == "adam":
-            return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=self.weight_decay)
-        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=self.weight_decay)
-
-
-OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
 
 
 @dataclass

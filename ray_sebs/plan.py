@@ -91,13 +91,12 @@ class BatchDecomposition:
     @property
     def micro_batch_size(self) -> int:
         """Largest micro-batch any rank runs."""
-        return max(max(self.rank_micro_batches(rank)) for rank in range(self.world_size))
+        return -(-self.rank_samples[0] // self.accumulation_steps)  # rank 0 holds the most
 
     @property
     def is_even(self) -> bool:
         """Every micro-batch of every rank has the same size."""
-        sizes = {size for rank in range(self.world_size) for size in self.rank_micro_batches(rank)}
-        return len(sizes) == 1
+        return self.global_batch_size % (self.world_size * self.accumulation_steps) == 0
 
     @property
     def loss_scale(self) -> float:
@@ -105,7 +104,12 @@ class BatchDecomposition:
         return self.world_size / self.global_batch_size
 
     def rank_micro_batches(self, rank: int) -> tuple[int, ...]:
-        """Sizes of ``rank``'s micro-batches within one update."""
+        """Sizes of ``rank``'s micro-batches within one update.
+
+        Every rank runs the same number of micro-steps. With ``max_micro_batch == 1`` and an uneven
+        split, a rank with one sample fewer runs an empty last micro-step: it still joins the
+        all-reduce (the loop handles a 0-row micro-batch; its gradient contribution is zero).
+        """
         return split_evenly(self.rank_samples[rank], self.accumulation_steps)
 
     def describe(self) -> str:

@@ -31,15 +31,16 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
 from ray_sebs.errors import ConfigError
 from ray_sebs.loop import (
     CHECKPOINT_FILE,
     LossFn,
-    OptimizerConfig,
     SegmentConfig,
     cross_entropy_per_sample,
     train_segment,
 )
+from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.schedule import ScheduleConfig
 
@@ -85,6 +86,8 @@ class SEBSTrainer:
             cluster), ``failure_config``, ``callbacks``. Its ``checkpoint_config`` is replaced:
             ray-sebs checkpoints every epoch.
         seed: Seeds the model initialisation and the data order.
+        prefetch_lead_time_s: Ask the autoscaler for the next, larger segment's workers this many
+            seconds before its boundary (:mod:`ray_sebs.autoscale`); ``None`` never asks.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class SEBSTrainer:
         loss_fn: LossFn | None = None,
         run_config: RunConfig | None = None,
         seed: int = 0,
+        prefetch_lead_time_s: float | None = DEFAULT_LEAD_TIME_S,
     ) -> None:
         if "train" not in datasets:
             raise ConfigError("datasets", sorted(datasets), "has no 'train' dataset",
@@ -115,6 +119,7 @@ class SEBSTrainer:
         self.loss_fn = loss_fn or cross_entropy_per_sample
         self.run_config = run_config or RunConfig()
         self.seed = seed
+        self.prefetch_lead_time_s = prefetch_lead_time_s
         self._plan: ElasticPlan | None = None
 
     def plan(self) -> ElasticPlan:
@@ -141,14 +146,34 @@ class SEBSTrainer:
                 "name", name, "names an existing run whose schedule differs: "
                 + describe_difference(record["fingerprint"], fingerprint),
                 "use the original flags to resume it, or another --name for a new run")
+        callbacks = list(self.run_config.callbacks or [])
+        if self.prefetch_lead_time_s is not None:
+            callbacks.append(ResourcePrefetchCallback(plan, lead_time_s=self.prefetch_lead_time_s))
         run_config = replace(
-            self.run_config, name=name, storage_path=storage_path,
+            self.run_config, name=name, storage_path=storage_path, callbacks=callbacks,
             failure_config=self.run_config.failure_config or FailureConfig(max_failures=1),
             checkpoint_config=CheckpointConfig(num_to_keep=2))
         logger.info("run %s: %d segments, %d stages, %d updates planned, storage %s", name,
                     len(plan.segments), len(plan.stages), plan.total_updates, run_dir)
 
         started = time.perf_counter()
+        try:
+            result = self._fit_segments(plan, run_config, record, run_dir)
+        finally:
+            if self.prefetch_lead_time_s is not None:
+                release_resource_request()
+        checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
+        if checkpoint is None:
+            raise RuntimeError(f"run {name} finished without a checkpoint in {run_dir}")
+        history = load_history(checkpoint)
+        summary = summarize(plan, history, wall_time_s=time.perf_counter() - started)
+        return SEBSResult(plan=plan, history=history, checkpoint=checkpoint, run_dir=run_dir,
+                          summary=summary)
+
+    def _fit_segments(self, plan: ElasticPlan, run_config: RunConfig, record: dict[str, Any],
+                      run_dir: str) -> ray.train.Result | None:
+        """One ``TorchTrainer.fit()`` per unfinished segment; the last fit's result."""
+        cluster = plan.cluster
         result = None
         for segment in plan.segments:
             if str(segment.index) in record["segments"]:
@@ -174,14 +199,7 @@ class SEBSTrainer:
                 "workers": segment.workers, "fit_s": time.perf_counter() - segment_started,
                 "checkpoint": result.checkpoint.path if result.checkpoint else None}
             save_run_record(run_dir, record)
-
-        checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
-        if checkpoint is None:
-            raise RuntimeError(f"run {name} finished without a checkpoint in {run_dir}")
-        history = load_history(checkpoint)
-        summary = summarize(plan, history, wall_time_s=time.perf_counter() - started)
-        return SEBSResult(plan=plan, history=history, checkpoint=checkpoint, run_dir=run_dir,
-                          summary=summary)
+        return result
 
 
 def validation_in_order(datasets: Mapping[str, Any]) -> DataConfig:

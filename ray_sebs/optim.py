@@ -1,0 +1,50 @@
+"""The optimizer choice, validated without importing torch (the CLI checks it before Ray starts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ray_sebs.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
+"""The paper's three (plain SGD, momentum SGD, AdaGrad) plus Adam and AdamW."""
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer; the paper covers plain SGD, momentum SGD and AdaGrad."""
+
+    name: str = "sgd"
+    """``sgd``, ``momentum`` (SGD with momentum), ``adagrad``, ``adam`` or ``adamw``."""
+    momentum: float = 0.9
+    """Momentum of ``momentum``; ignored by the others."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for ``adamw``)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError("optimizer", self.name, "unknown optimizer",
+                              f"use one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", self.momentum, "must be in [0, 1)", "use e.g. 0.9")
+        if not self.weight_decay >= 0:
+            raise ConfigError("weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0 or 1e-4")
+
+    def build(self, parameters: Any, learning_rate: float) -> torch.optim.Optimizer:
+        import torch
+
+        if self.name == "sgd":
+            return torch.optim.SGD(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+        if self.name == "momentum":
+            return torch.optim.SGD(parameters, lr=learning_rate, momentum=self.momentum,
+                                   weight_decay=self.weight_decay)
+        if self.name == "adagrad":
+            return torch.optim.Adagrad(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+        if self.name == "adam":
+            return torch.optim.Adam(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=self.weight_decay)
+
