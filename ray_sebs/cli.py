@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from ray_sebs.errors import ConfigError
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
+from ray_sebs.report import format_table
 from ray_sebs.schedule import SCHEDULE_KINDS, ScheduleConfig
 
 # Config fields as the user typed them, so an error names the flag rather than the attribute.
@@ -154,10 +155,7 @@ def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None) -> str:
          f"{p.updates:,}", f"{p.samples:,}")
         for p in plan.stages
     ]
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
-             for line in (header, *rows)]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = format_table(header, rows).splitlines()
     config = plan.schedule.config
     lines += [
         "",

@@ -18,6 +18,15 @@ HISTORY_COLUMNS = (
 )
 
 
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Right-aligned plain-text columns under a dashed rule."""
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+             for line in (header, *rows)]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
 def format_epoch(record: dict[str, Any]) -> str:
     """One progress line per epoch."""
     accuracy = record["validation_accuracy"]
@@ -48,11 +57,7 @@ def stage_table(history: Sequence[dict[str, Any]]) -> str:
             "-" if math.isnan(accuracy) else f"{accuracy:.4f}",
             f"{sum(record['epoch_time_s'] for record in records):.1f}",
         ))
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
-             for line in (header, *rows)]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return format_table(header, rows)
 
 
 def write_history(history: Sequence[dict[str, Any]], run_dir: str) -> dict[str, str]:
