@@ -38,6 +38,7 @@ FLAG_OF_FIELD = {
     "optimizer": "--optimizer",
     "model": "--model",
     "dataset": "--data",
+    "dataset_name": "--dataset",
     "data_path": "--data",
     "feature_columns": "--feature-columns",
     "label_column": "--label-column",
@@ -47,6 +48,17 @@ FLAG_OF_FIELD = {
     "storage_path": "--storage-path",
     "address": "--address",
     "name": "--name",
+    # ray-sebs tune
+    "ratios": "--ratios",
+    "kinds": "--schedules",
+    "seeds": "--seeds",
+    "optimizers": "--optimizers",
+    "learning_rates": "--lrs",
+    "batch_sizes": "--batch-sizes",
+    "target_accuracy": "--target-accuracy",
+    "max_concurrent_trials": "--max-concurrent-trials",
+    "data_cpus_per_trial": "--data-cpus-per-trial",
+    "asha_grace_epochs": "--asha-grace-epochs",
 }
 
 DEFAULTS = ScheduleConfig(epochs_per_stage=5)
@@ -380,9 +392,127 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comma_list(convert: Callable[[str], Any], example: str) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type for a comma list, e.g. ``1,1.5,2,4``; a bad item is a one-line error."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        try:
+            values = tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma list like {example}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r} is empty; give a comma list like {example}")
+        return values
+
+    return parse
+
+
+def add_tune_flags(parser: argparse.ArgumentParser) -> None:
+    """The sweep's own flags; the schedule, worker and training flags are train's."""
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--ratios", type=_comma_list(float, "1,1.5,2,4"), default=(1.0, 1.5, 2.0, 4.0),
+                       metavar="R,R,...",
+                       help="growth ratios to compare; ratio 1 runs once, as the constant schedule "
+                            "(default: 1,1.5,2,4)")
+    sweep.add_argument("--schedules", type=_comma_list(str, "sebs,ssgd"), default=("sebs", "ssgd"),
+                       metavar="K,K", help="schedule kinds per ratio: sebs, ssgd, constant "
+                                           "(default: sebs,ssgd)")
+    sweep.add_argument("--seeds", type=int, default=3,
+                       help="seeds per configuration: --seed, --seed+1, ... (default: %(default)s)")
+    sweep.add_argument("--optimizers", type=_comma_list(str, "sgd,momentum,adagrad"), default=None,
+                       metavar="O,O", help="search over optimizers (default: --optimizer)")
+    sweep.add_argument("--lrs", type=_comma_list(float, "0.05,0.1"), default=None, metavar="LR,LR",
+                       help="search over first-stage learning rates (default: --lr)")
+    sweep.add_argument("--batch-sizes", type=_comma_list(int, "16,32"), default=None, metavar="B,B",
+                       help="search over first-stage global batches (default: --batch-size)")
+    sweep.add_argument("--target-accuracy", type=float, default=None,
+                       help="validation accuracy to reach for the updates/time-to-target columns "
+                            "(default: the best SSGD mean final accuracy minus 1 point)")
+    sweep.add_argument("--max-concurrent-trials", type=int, default=None,
+                       help="trials at once (default: as many as fit the cluster at their peak "
+                            "worker count, with --data-cpus-per-trial left free for each)")
+    sweep.add_argument("--data-cpus-per-trial", type=float, default=None,
+                       help="CPUs no worker takes, per running trial, for Ray Data "
+                            "(default: min(1, cluster CPUs / 2))")
+    sweep.add_argument("--asha", action="store_true",
+                       help="stop trailing trials early with ASHA (stopped trials show as unfinished)")
+    sweep.add_argument("--asha-grace-epochs", type=int, default=None,
+                       help="first ASHA milestone in epochs (default: the first stage's epochs)")
+    # --schedule and --ratio come with the shared flags; the sweep sets them per trial.
+    parser.set_defaults(schedule=None, ratio=None)
+
+
+def command_tune(args: argparse.Namespace) -> int:
+    """Validate, sweep growth ratios with Ray Tune, write comparison.{md,csv,png}."""
+    import datetime
+
+    from ray_sebs.data import check_min_rows, load_data
+    from ray_sebs.models import check_model, check_model_name
+    from ray_sebs.tune import SweepSpace, check_sweep_options, comparison_markdown, run_sweep, sweep_plans
+
+    for field, flag in (("kind", "--schedules"), ("growth_ratio", "--ratios")):
+        value = args.schedule if field == "kind" else args.ratio
+        if value is not None:
+            raise ConfigError(field, value, "sets one value, but tune sweeps it",
+                              f"use {flag} (e.g. {flag} {value})")
+    if args.seeds < 1:
+        raise ConfigError("seeds", args.seeds, "must be >= 1", "use e.g. --seeds 3")
+    check_sweep_options(target_accuracy=args.target_accuracy,
+                        max_concurrent_trials=args.max_concurrent_trials,
+                        data_cpus_per_trial=args.data_cpus_per_trial,
+                        asha_grace_epochs=args.asha_grace_epochs)
+    space = SweepSpace(ratios=args.ratios, kinds=args.schedules,
+                       seeds=tuple(range(args.seed, args.seed + args.seeds)),
+                       optimizers=args.optimizers or (args.optimizer,),
+                       learning_rates=args.lrs or (args.lr,),
+                       batch_sizes=args.batch_sizes or (args.batch_size,))
+    # The base of every configuration; each one sets its own kind, ratio, lr and first batch.
+    base = schedule_config_from_args(argparse.Namespace(**{
+        **vars(args), "schedule": "sebs", "ratio": 1.0, "lr": space.learning_rates[0],
+        "batch_size": space.batch_sizes[0]}))
+    cluster = cluster_config_from_args(args)
+    check_model_name(args.model)
+    dataset_config = dataset_config_from_args(args)
+    check_storage_path(args.storage_path)
+    name = args.name or f"growth-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    connect_ray(args)
+    import ray
+
+    check_storage_shared(args.storage_path, sum(1 for node in ray.nodes() if node["Alive"]))
+    data = load_data(dataset_config)
+    check_min_rows(data, max(space.batch_sizes))
+    check_model(args.model, data.input_shape)
+    plans = sweep_plans(space, base, data.train_rows, cluster)
+    print(f"sweep {name}: {len(plans)} configurations x {len(space.seeds)} seeds = "
+          f"{len(space.trials())} trials on {data.train_rows:,} training rows", flush=True)
+    for configuration, plan in plans.items():
+        print(f"  {configuration.label:<12} {configuration.optimizer:<8} lr {configuration.learning_rate:g}  "
+              f"B1 {configuration.batch_size:<5} updates {plan.total_updates:>7,}  workers "
+              f"{' -> '.join(str(s.workers) for s in plan.segments)}", flush=True)
+    result = run_sweep(space=space, schedule=base, cluster=cluster, dataset=dataset_config,
+                       dataset_size=data.train_rows, model=args.model, name=name,
+                       storage_path=args.storage_path, target_accuracy=args.target_accuracy,
+                       max_concurrent_trials=args.max_concurrent_trials,
+                       data_cpus_per_trial=args.data_cpus_per_trial, max_failures=args.max_failures,
+                       asha=args.asha, asha_grace_epochs=args.asha_grace_epochs)
+    print()
+    print(comparison_markdown(result.comparison))
+    print(f"sweep directory: {result.experiment_dir}")
+    for kind, path in result.paths.items():
+        print(f"  {kind}: {path}")
+    if result.failed:
+        print(f"ray-sebs tune: {len(result.failed)} trials did not finish; run the same command (same "
+              f"--name {name}) to retry them:", file=sys.stderr)
+        for line in result.failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plan": command_plan,
     "train": command_train,
+    "tune": command_tune,
 }
 
 
@@ -423,6 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "history.csv, curves.png and TensorBoard scalars to <storage-path>/<name>/.")
     add_plan_flags(train, with_dataset_size=False)
     add_training_flags(train)
+    tune = commands.add_parser(
+        "tune", help="compare growth ratios with Ray Tune: SEBS against SSGD, over seeds",
+        description="Run every growth ratio x schedule (SEBS, SSGD; ratio 1 once, as constant) x "
+                    "seed as Ray Tune trials, each a full elastic SEBS run, and write "
+                    "comparison.md, comparison.csv and comparison.png to <storage-path>/<name>/. "
+                    "The same --name resumes an interrupted sweep.")
+    add_plan_flags(tune, with_dataset_size=False)
+    add_training_flags(tune)
+    add_tune_flags(tune)
     return parser
 
 

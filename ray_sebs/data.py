@@ -132,7 +132,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         if self.name not in DATASET_NAMES:
-            raise ConfigError("name", self.name, "is not a built-in dataset",
+            raise ConfigError("dataset_name", self.name, "is not a built-in dataset",
                               f"use one of {', '.join(DATASET_NAMES)}, or give a path")
         for field_name in ("path", "validation_path"):
             value = getattr(self, field_name)
@@ -337,7 +337,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ConfigError("name", "digits", "needs scikit-learn, which is not installed",
+        raise ConfigError("dataset_name", "digits", "needs scikit-learn, which is not installed",
                           "pip install 'ray-sebs[digits]', or give a data path") from None
     import numpy as np
 
@@ -479,7 +479,7 @@ def _finish(dataset: ray.data.Dataset) -> ray.data.Dataset:
     """Materialize with the loading settings, then hand back the session's defaults."""
     from ray.data import DataContext
 
-    dataset = _tuned(dataset).materialize()
+    dataset = _tuned(dataset.select_columns([_FEATURES, _LABEL])).materialize()
     defaults = DataContext.get_current()
     dataset.context.execution_options.preserve_order = defaults.execution_options.preserve_order
     dataset.context.shuffle_strategy = defaults.shuffle_strategy
@@ -503,10 +503,9 @@ class _Source:
 
 @dataclass(frozen=True)
 class _Health:
-    """What one pass over the data found: row count and the first problem per kind."""
+    """What the pass over checked data reports for later use."""
 
     rows: int
-    label_min: float
     label_max: float
 
 
@@ -722,7 +721,7 @@ def _check_values(dataset: ray.data.Dataset, source: _Source, feature_columns: t
                           f"{where}, but num_classes={num_classes} allows only 0..{num_classes - 1}",
                           f"set num_classes to at least {_number(label_max + 1)}, or leave it unset "
                           "to infer it")
-    return _Health(rows=int(frame["rows"].sum()), label_min=label_min, label_max=label_max)
+    return _Health(rows=int(frame["rows"].sum()), label_max=label_max)
 
 
 def _block_health(table: pa.Table, *, features: tuple[str, ...], label: str) -> dict[str, list[Any]]:
@@ -806,8 +805,9 @@ def _short(error: BaseException) -> str:
         if not isinstance(cause, BaseException):
             break
         error = cause
+    # Ray appends retry advice after the message; the first line is the reader's own.
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[-1] if lines else type(error).__name__
+    text = lines[0] if lines else type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 
