@@ -6,9 +6,15 @@ fit's latest checkpoint through ``ray.train.get_checkpoint()`` (public Ray APIs 
 segment the worker count is elastic between the cluster's minimum and the segment's target; the
 loop re-decomposes the global batch for whatever world size it gets.
 
-The driver keeps a small run record (``sebs_run.json`` in the run directory) with the schedule's
-fingerprint and the finished segments, so running the same command again after the driver died
-resumes where it stopped, and a command whose schedule differs is refused instead of mixing runs.
+The driver keeps a small run record (``sebs_run.json`` in the run directory) with the run's
+fingerprint (schedule, dataset size, model architecture, optimizer) and the finished segments, so
+running the same command again after the driver died resumes where it stopped, and a command whose
+fingerprint differs is refused instead of mixing runs.
+
+Faults: a worker that dies is Ray Train's to recover (``FailureConfig.max_failures``; the loop
+resumes from the last epoch checkpoint, which Ray registers only once it is fully written). A NaN
+or infinite loss is not retried: it is deterministic, so the loop stops every rank with a verdict
+in ``Result.return_value`` and the driver raises :class:`~ray_sebs.errors.NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
-from ray_sebs.errors import ConfigError
+from ray_sebs.errors import ConfigError, NonFiniteLossError
 from ray_sebs.loop import (
     CHECKPOINT_FILE,
+    NON_FINITE,
     LossFn,
     SegmentConfig,
     cross_entropy_per_sample,
@@ -78,7 +85,9 @@ class SEBSTrainer:
         schedule: The stagewise schedule (SEBS, SSGD or constant).
         cluster: Worker bounds, micro-batch cap, GPUs and per-worker resources. When
             ``resources_per_worker`` is unset, the CPUs per worker are sized from the cluster so
-            that Ray Data always keeps a CPU for reading (see :func:`size_worker_resources`).
+            that Ray Data always keeps a CPU for reading (see :func:`size_worker_resources`). A
+            segment whose target the cluster cannot place runs on the workers it can (one warning;
+            see :func:`worker_capacity`); a ``min_workers`` it cannot place fails before any fit.
         optimizer: An optimizer name or an :class:`OptimizerConfig`.
         loss_fn: ``loss_fn(logits, labels)`` returning one loss per sample; cross-entropy by
             default. ray-sebs sums and weights it so each update is the mean over exactly B.
@@ -131,21 +140,32 @@ class SEBSTrainer:
     def fit(self) -> SEBSResult:
         """Run every segment of the plan; resumes a run of the same name where it stopped."""
         plan = self.plan()
-        cluster = size_worker_resources(plan.cluster, plan.peak_workers, ray.cluster_resources())
-        check_cluster_can_start(cluster, plan, ray.cluster_resources())
+        resources = ray.cluster_resources()
+        cluster = size_worker_resources(plan.cluster, plan.peak_workers, resources)
+        data_cpus = data_cpu_reserve(self.datasets)
+        check_cluster_can_start(cluster, plan, resources, reserved_cpus=data_cpus)
         plan = replace(plan, cluster=cluster)
         name = self.run_config.name or default_run_name(plan)
         storage_path = absolute_storage_path(self.run_config.storage_path or DEFAULT_STORAGE_PATH)
         run_dir = f"{storage_path.rstrip('/')}/{name}"
         record = load_run_record(run_dir)
-        fingerprint = schedule_fingerprint(plan)
+        fingerprint = schedule_fingerprint(plan, model_factory=self.model_factory,
+                                           optimizer=self.optimizer)
         if record is None:
+            # Written before the first worker starts: a driver killed in the first segment leaves
+            # checkpoints that only the same command may resume.
             record = {"fingerprint": fingerprint, "segments": {}}
-        elif record["fingerprint"] != fingerprint:
-            raise ConfigError(
-                "name", name, "names an existing run whose schedule differs: "
-                + describe_difference(record["fingerprint"], fingerprint),
-                "use the original flags to resume it, or another --name for a new run")
+            save_run_record(run_dir, record)
+        else:
+            differences = describe_difference(record["fingerprint"], fingerprint)
+            if differences:
+                raise ConfigError(
+                    "name", name, "names an existing run whose configuration differs: " + differences,
+                    "use the original flags to resume it, or another --name for a new run")
+        capacity = worker_capacity(cluster, resources, reserved_cpus=data_cpus)
+        shortage = describe_worker_shortage(plan, capacity, resources, reserved_cpus=data_cpus)
+        if shortage:
+            logger.warning("%s", shortage)
         callbacks = list(self.run_config.callbacks or [])
         if self.prefetch_lead_time_s is not None:
             callbacks.append(ResourcePrefetchCallback(plan, lead_time_s=self.prefetch_lead_time_s))
@@ -158,7 +178,7 @@ class SEBSTrainer:
 
         started = time.perf_counter()
         try:
-            result = self._fit_segments(plan, run_config, record, run_dir)
+            result = self._fit_segments(plan, run_config, record, run_dir, capacity)
         finally:
             if self.prefetch_lead_time_s is not None:
                 release_resource_request()
@@ -166,27 +186,36 @@ class SEBSTrainer:
         if checkpoint is None:
             raise RuntimeError(f"run {name} finished without a checkpoint in {run_dir}")
         history = load_history(checkpoint)
+        epochs = [entry["epoch"] for entry in history]
+        if epochs != list(range(plan.schedule.total_epochs)):
+            raise RuntimeError(f"run {name} ended with epochs {epochs} of "
+                               f"{plan.schedule.total_epochs} in {run_dir}")
         summary = summarize(plan, history, wall_time_s=time.perf_counter() - started)
         return SEBSResult(plan=plan, history=history, checkpoint=checkpoint, run_dir=run_dir,
                           summary=summary)
 
     def _fit_segments(self, plan: ElasticPlan, run_config: RunConfig, record: dict[str, Any],
-                      run_dir: str) -> ray.train.Result | None:
+                      run_dir: str, capacity: int | None) -> ray.train.Result | None:
         """One ``TorchTrainer.fit()`` per unfinished segment; the last fit's result."""
         cluster = plan.cluster
         result = None
+        finished = finished_epochs(plan, record)
         for segment in plan.segments:
-            if str(segment.index) in record["segments"]:
+            if segment.end_epoch <= finished:
                 logger.info("segment %d already finished; skipping it", segment.index)
                 continue
             minimum = min(cluster.min_workers, segment.workers)
+            # Never ask for more workers than the cluster can ever place: the elastic range starts
+            # at once with what it gets, and the plan re-splits every batch for it.
+            workers = segment.workers if capacity is None \
+                else max(minimum, min(segment.workers, capacity))
             scaling = ScalingConfig(
-                num_workers=segment.workers if minimum == segment.workers else (minimum, segment.workers),
+                num_workers=workers if minimum == workers else (minimum, workers),
                 use_gpu=cluster.use_gpu, resources_per_worker=cluster.worker_bundle())
             loop_config = SegmentConfig(
                 plan=plan, segment_index=segment.index, model_factory=self.model_factory,
                 optimizer=self.optimizer, loss_fn=self.loss_fn, seed=self.seed,
-                has_validation="validation" in self.datasets)
+                has_validation="validation" in self.datasets, workers=workers)
             trainer = TorchTrainer(
                 train_segment, train_loop_config={"segment": loop_config},
                 scaling_config=scaling, run_config=run_config, datasets=self.datasets,
@@ -195,8 +224,14 @@ class SEBSTrainer:
                         [p.stage.index for p in segment.stages], scaling.num_workers)
             segment_started = time.perf_counter()
             result = trainer.fit()
+            outcome = result.return_value
+            if isinstance(outcome, Mapping) and NON_FINITE in outcome:
+                raise NonFiniteLossError(
+                    **outcome[NON_FINITE],
+                    checkpoint=result.checkpoint.path if result.checkpoint else None)
             record["segments"][str(segment.index)] = {
-                "workers": segment.workers, "fit_s": time.perf_counter() - segment_started,
+                "workers": workers, "end_epoch": segment.end_epoch,
+                "fit_s": time.perf_counter() - segment_started,
                 "checkpoint": result.checkpoint.path if result.checkpoint else None}
             save_run_record(run_dir, record)
         return result
@@ -230,9 +265,22 @@ def size_worker_resources(cluster: ClusterConfig, peak_workers: int,
     return replace(cluster, resources_per_worker=bundle)
 
 
+def data_cpu_reserve(datasets: Mapping[str, Any]) -> float:
+    """CPUs no training worker may take so that Ray Data can still run its tasks.
+
+    A dataset that is not materialized still has read or map tasks to run, each needing a CPU;
+    workers holding every CPU starve them and the run hangs (DESIGN.md §4), so 1 CPU is kept. A
+    materialized dataset's blocks are already in the object store and need no task: 0.
+    """
+    from ray.data.dataset import MaterializedDataset
+
+    return 0.0 if all(isinstance(ds, MaterializedDataset) for ds in datasets.values()) else 1.0
+
+
 def check_cluster_can_start(cluster: ClusterConfig, plan: ElasticPlan,
-                            available: Mapping[str, float]) -> None:
-    """Fail before any worker starts when even ``min_workers`` workers cannot be placed.
+                            available: Mapping[str, float], *, reserved_cpus: float = 0.0) -> None:
+    """Fail before any worker starts when even ``min_workers`` workers cannot be placed, keeping
+    ``reserved_cpus`` free for Ray Data (:func:`data_cpu_reserve`).
 
     Skipped when ``RAY_SEBS_AUTOSCALING=1``: an autoscaling cluster (KubeRay) starts with fewer
     resources than it can grow to.
@@ -242,13 +290,60 @@ def check_cluster_can_start(cluster: ClusterConfig, plan: ElasticPlan,
     minimum = min(cluster.min_workers, plan.segments[0].workers)
     for resource, amount in cluster.worker_bundle().items():
         needed = amount * minimum
-        if needed > float(available.get(resource, 0)) + 1e-9:
+        have = float(available.get(resource, 0))
+        keep = reserved_cpus if resource == "CPU" else 0.0
+        if needed > have - keep + 1e-9:
+            kept = (f", of which {keep:g} must stay free for Ray Data to read the datasets (they are "
+                    "not materialized)") if keep and needed <= have + 1e-9 else ""
             raise ConfigError(
                 "min_workers", cluster.min_workers,
                 f"needs {needed:g} {resource} ({minimum} workers x {amount:g}) but the cluster has "
-                f"{float(available.get(resource, 0)):g}",
+                f"{have:g}{kept}",
                 "lower --min-workers or --resources-per-worker, or add nodes "
                 "(set RAY_SEBS_AUTOSCALING=1 on an autoscaling cluster)")
+
+
+def worker_capacity(cluster: ClusterConfig, available: Mapping[str, float], *,
+                    reserved_cpus: float = 0.0) -> int | None:
+    """Workers of ``cluster.worker_bundle()`` the cluster can place at once, keeping
+    ``reserved_cpus`` free; ``None`` when there is no fixed limit (``RAY_SEBS_AUTOSCALING=1``, or
+    workers that reserve nothing).
+
+    Ray Train's elastic range ``(min, max)`` starts at once with the workers it can place and then
+    watches for more every ``elastic_resize_monitor_interval_s``; on a fixed cluster more never
+    come, so the driver asks for at most this many and says so once.
+    """
+    if os.environ.get("RAY_SEBS_AUTOSCALING") == "1":
+        return None
+    counts = []
+    for resource, amount in cluster.worker_bundle().items():
+        if amount > 0:
+            free = float(available.get(resource, 0)) - (reserved_cpus if resource == "CPU" else 0.0)
+            counts.append(max(0, math.floor(free / amount + 1e-9)))
+    return min(counts) if counts else None
+
+
+def describe_worker_shortage(plan: ElasticPlan, capacity: int | None, available: Mapping[str, float],
+                             *, reserved_cpus: float = 0.0) -> str | None:
+    """The one warning for a plan that wants more workers than the cluster can place, or None."""
+    if capacity is None or capacity >= plan.peak_workers:
+        return None
+    bundle = plan.cluster.worker_bundle()
+    have = ", ".join(f"{float(available.get(name, 0)):g} {name}" for name in bundle)
+    each = ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
+    kept = f", {reserved_cpus:g} CPU kept for Ray Data" if reserved_cpus else ""
+    live = max(capacity, min(plan.cluster.min_workers, plan.peak_workers))
+    stages = []
+    for stage_plan in plan.stages:
+        if stage_plan.target_workers <= live:
+            continue
+        split = plan.decomposition(stage_plan.stage.index, live)
+        stages.append(f"stage {stage_plan.stage.index} (batch {stage_plan.stage.global_batch_size}) "
+                      f"{stage_plan.decomposition.describe()} x {stage_plan.target_workers} workers -> "
+                      f"{split.describe()} x {live}")
+    return (f"the plan wants up to {plan.peak_workers} workers but the cluster can place {capacity} "
+            f"({have}; {each} per worker{kept}); training with {live}: " + "; ".join(stages)
+            + " (micro-batch x accumulation; every update still uses exactly the global batch)")
 
 
 def default_run_name(plan: ElasticPlan) -> str:
@@ -264,21 +359,61 @@ def absolute_storage_path(storage_path: str) -> str:
     return os.path.abspath(os.path.expanduser(storage_path))
 
 
-def schedule_fingerprint(plan: ElasticPlan) -> dict[str, Any]:
-    """What must not change when a run is resumed: the schedule and the dataset size."""
+def schedule_fingerprint(plan: ElasticPlan, *, model_factory: Callable[[], torch.nn.Module] | None = None,
+                         optimizer: OptimizerConfig | None = None) -> dict[str, Any]:
+    """What must not change when a run is resumed: the schedule and the dataset size, and (when
+    given) the model's architecture and the optimizer, whose saved state a different one cannot
+    load."""
     document = plan.to_dict()
-    return {"schedule": document["schedule"], "dataset_size": document["dataset_size"]}
+    fingerprint: dict[str, Any] = {"schedule": document["schedule"],
+                                   "dataset_size": document["dataset_size"]}
+    if model_factory is not None:
+        shapes = model_shapes(model_factory)
+        if shapes is not None:
+            fingerprint["model"] = shapes
+    if optimizer is not None:
+        fingerprint["optimizer"] = asdict(optimizer)
+    return fingerprint
+
+
+def model_shapes(model_factory: Callable[[], torch.nn.Module]) -> dict[str, list[int]] | None:
+    """Name and shape of every tensor of the model's state, built on the meta device (no memory,
+    no weights); None when the factory cannot build there."""
+    try:
+        with torch.device("meta"):
+            model = model_factory()
+        return {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    except Exception as error:  # any factory may be given; the check is then skipped
+        logger.debug("model architecture not fingerprinted: %s", error)
+        return None
 
 
 def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What differs between a recorded fingerprint and a new one ("" when they match). Parts that
+    the recorded one lacks (an older ray-sebs, or a model it could not fingerprint) are not
+    compared."""
     changes = []
-    for key in ("schedule", "dataset_size"):
-        if isinstance(old.get(key), dict):
-            changes += [f"{name} {old[key].get(name)!r} -> {value!r}"
+    for key in ("schedule", "dataset_size", "model", "optimizer"):
+        if key not in old or key not in new or old[key] == new[key]:
+            continue
+        if key == "model":
+            changes.append(_describe_model_difference(old[key], new[key]))
+        elif isinstance(old[key], dict):
+            prefix = "" if key == "schedule" else f"{key} "
+            changes += [f"{prefix}{name} {old[key].get(name)!r} -> {value!r}"
                         for name, value in new[key].items() if old[key].get(name) != value]
-        elif old.get(key) != new.get(key):
-            changes.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+        else:
+            changes.append(f"{key} {old[key]!r} -> {new[key]!r}")
     return ", ".join(changes)
+
+
+def _describe_model_difference(old: Mapping[str, list[int]], new: Mapping[str, list[int]]) -> str:
+    def size(shapes: Mapping[str, list[int]]) -> str:
+        return f"{len(shapes)} tensors, {sum(math.prod(shape) for shape in shapes.values()):,} values"
+
+    first = next(name for name in sorted({*old, *new}) if old.get(name) != new.get(name))
+    return (f"model architecture ({size(old)} -> {size(new)}; {first} "
+            f"{old.get(first, 'absent')} -> {new.get(first, 'absent')})")
 
 
 def _filesystem(run_dir: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -303,8 +438,26 @@ def save_run_record(run_dir: str, record: Mapping[str, Any]) -> None:
     filesystem.move(f"{path}/{RUN_RECORD}.tmp", f"{path}/{RUN_RECORD}")
 
 
+def finished_epochs(plan: ElasticPlan, record: Mapping[str, Any]) -> int:
+    """Epochs that the run record says finished segments covered (0 for a new run).
+
+    Judged by epochs, not by segment numbers: a resumed run with other worker bounds splits the
+    same schedule into other segments. Records without ``end_epoch`` (older ray-sebs) name
+    segments of the same plan.
+    """
+    ends = [0]
+    for index, entry in record["segments"].items():
+        if "end_epoch" in entry:
+            ends.append(int(entry["end_epoch"]))
+        elif int(index) < len(plan.segments):
+            ends.append(plan.segments[int(index)].end_epoch)
+    return max(ends)
+
+
 def latest_recorded_checkpoint(record: Mapping[str, Any]) -> ray.train.Checkpoint | None:
-    finished = sorted(record["segments"].items(), key=lambda item: int(item[0]))
+    # The segment that ended last (segment numbers differ between plans with other worker bounds).
+    finished = sorted(record["segments"].items(),
+                      key=lambda item: (item[1].get("end_epoch", -1), int(item[0])))
     if not finished or finished[-1][1]["checkpoint"] is None:
         return None
     return ray.train.Checkpoint(finished[-1][1]["checkpoint"])
