@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -48,6 +49,10 @@ FLAG_OF_FIELD = {
     "storage_path": "--storage-path",
     "address": "--address",
     "name": "--name",
+    "seed": "--seed",
+    "synthetic_rows": "--synthetic-rows",
+    "max_failures": "--max-failures",
+    "num_cpus": "--num-cpus",
     # ray-sebs tune
     "ratios": "--ratios",
     "kinds": "--schedules",
@@ -271,8 +276,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
                           help="sgd, momentum (0.9), adagrad, adam or adamw (default: %(default)s)")
     training.add_argument("--seed", type=int, default=0, help="seed for data split, init and order")
     training.add_argument("--max-failures", type=int, default=1,
-                          help="worker-group failures to recover from, from the last checkpoint "
-                               "(default: %(default)s)")
+                          help="worker-group failures to recover from, from the last checkpoint; "
+                               "-1 for no limit (default: %(default)s)")
     run = parser.add_argument_group("run")
     run.add_argument("--address", default=None,
                      help="Ray cluster to use, e.g. auto or ray://host:10001 (default: start a local "
@@ -298,6 +303,29 @@ def dataset_config_from_args(args: argparse.Namespace) -> Any:
         num_classes=args.num_classes, synthetic_rows=args.synthetic_rows, seed=args.seed)
 
 
+ADDRESS_PROBE_TIMEOUT_S = 5.0
+"""How long ``--address`` may take to accept a TCP connection. ``ray.init`` itself keeps retrying
+an address where nothing listens for minutes."""
+
+
+def probe_address(address: str, timeout_s: float = ADDRESS_PROBE_TIMEOUT_S) -> None:
+    """Fail fast when nothing listens at a ``host:port`` or ``ray://host:port`` address.
+
+    ``auto``, ``local`` and other forms are left to ``ray.init``, which judges them quickly.
+    """
+    host, separator, port = address.removeprefix("ray://").rpartition(":")
+    if not separator or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as error:
+        raise ConfigError("address", address,
+                          f"no Ray cluster answers there ({error.strerror or error or 'timed out'})",
+                          "start one with `ray start --head`, or pass its address (HOST:6379, or "
+                          "ray://HOST:10001 for Ray Client)") from None
+
+
 def connect_ray(args: argparse.Namespace) -> None:
     """Join ``--address`` (or the job's cluster), else start a local Ray in this process."""
     import ray
@@ -305,6 +333,8 @@ def connect_ray(args: argparse.Namespace) -> None:
     if ray.is_initialized():
         return
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        probe_address(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
@@ -338,6 +368,28 @@ def check_storage_shared(storage_path: str, alive_nodes: int) -> None:
                           "an NFS mount shared by all nodes")
 
 
+def check_run_flags(args: argparse.Namespace) -> None:
+    """Run flags that would otherwise fail late (``--num-cpus 0`` starts a Ray that never runs a
+    task) or silently mean something else (Ray reads a negative ``--max-failures`` as no limit)."""
+    if args.max_failures < -1:
+        raise ConfigError("max_failures", args.max_failures, "must be >= 0, or -1 for no limit",
+                          "use e.g. 1 to recover from one worker-group failure")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError("num_cpus", args.num_cpus, "must be >= 1",
+                          "give the local Ray at least 1 CPU, or leave it unset for all")
+
+
+def check_data_paths(dataset_config: Any) -> None:
+    """Missing, empty or unreadable ``--data``/``--validation-data`` fail before Ray starts (the
+    columns and values are checked after, by :func:`ray_sebs.data.load_data`)."""
+    from ray_sebs.data import _resolve_source
+
+    if dataset_config.path is not None:
+        _resolve_source(dataset_config.path, "data_path", "data")
+    if dataset_config.validation_path is not None:
+        _resolve_source(dataset_config.validation_path, "validation_path", "validation data")
+
+
 def command_train(args: argparse.Namespace) -> int:
     """Validate everything, then train on Ray and write the run's outputs."""
     import functools
@@ -354,14 +406,23 @@ def command_train(args: argparse.Namespace) -> int:
     cluster = cluster_config_from_args(args)
     optimizer = OptimizerConfig(name=args.optimizer)
     check_model_name(args.model)
+    check_run_flags(args)
     dataset_config = dataset_config_from_args(args)
+    if dataset_config.input_shape is not None:  # a built-in dataset: known without reading it
+        check_model(args.model, dataset_config.input_shape)
+    check_data_paths(dataset_config)
     check_storage_path(args.storage_path)
     connect_ray(args)
     import ray
 
     check_storage_shared(args.storage_path, sum(1 for node in ray.nodes() if node["Alive"]))
     data = load_data(dataset_config)
-    check_min_rows(data, schedule_config.initial_batch_size)
+    try:
+        check_min_rows(data, schedule_config.initial_batch_size)
+    except ConfigError as error:  # the flag to change is --batch-size (or the data)
+        raise ConfigError("initial_batch_size", schedule_config.initial_batch_size,
+                          f"is more than the {data.train_rows} training rows of the data, so no "
+                          "epoch would make an update", error.fix) from None
     check_model(args.model, data.input_shape)
     datasets = {"train": data.train}
     if data.validation is not None:
@@ -372,7 +433,14 @@ def command_train(args: argparse.Namespace) -> int:
         run_config=RunConfig(name=args.name, storage_path=args.storage_path,
                              failure_config=FailureConfig(max_failures=args.max_failures)),
         seed=args.seed)
-    plan = trainer.plan()
+    try:
+        plan = trainer.plan()
+    except ConfigError as error:  # --dataset-size is plan's flag; here the rows come from the data
+        if error.field != "dataset_size":
+            raise
+        field, value = ("data_path", args.data) if args.data else ("dataset_name", args.dataset)
+        raise ConfigError(field, value, f"has {error.value} training rows, "
+                          f"{error.problem.removeprefix('is ')}", error.fix) from None
     print(format_plan(plan), flush=True)
     print(flush=True)
     result = trainer.fit()
@@ -448,7 +516,16 @@ def command_tune(args: argparse.Namespace) -> int:
 
     from ray_sebs.data import check_min_rows, load_data
     from ray_sebs.models import check_model, check_model_name
-    from ray_sebs.tune import SweepSpace, check_sweep_options, comparison_markdown, run_sweep, sweep_plans
+    from ray_sebs.trainer import absolute_storage_path
+    from ray_sebs.tune import (
+        SweepSpace,
+        check_same_sweep,
+        check_sweep_options,
+        comparison_markdown,
+        run_sweep,
+        sweep_fingerprint,
+        sweep_plans,
+    )
 
     for field, flag in (("kind", "--schedules"), ("growth_ratio", "--ratios")):
         value = args.schedule if field == "kind" else args.ratio
@@ -475,6 +552,9 @@ def command_tune(args: argparse.Namespace) -> int:
     dataset_config = dataset_config_from_args(args)
     check_storage_path(args.storage_path)
     name = args.name or f"growth-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    # A resume with other settings fails now, before Ray starts (the data size is checked later).
+    check_same_sweep(f"{absolute_storage_path(args.storage_path).rstrip('/')}/{name}", name,
+                     sweep_fingerprint(space, base, dataset_config, args.model))
     connect_ray(args)
     import ray
 
@@ -500,6 +580,8 @@ def command_tune(args: argparse.Namespace) -> int:
     print(f"sweep directory: {result.experiment_dir}")
     for kind, path in result.paths.items():
         print(f"  {kind}: {path}")
+    for line in result.stopped:
+        print(f"  stopped early: {line}")
     if result.failed:
         print(f"ray-sebs tune: {len(result.failed)} trials did not finish; run the same command (same "
               f"--name {name}) to retry them:", file=sys.stderr)
