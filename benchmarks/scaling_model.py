@@ -167,12 +167,19 @@ def single_worker_times(args: argparse.Namespace, batch_sizes: list[int], micro_
 
 
 def fit_line(points: dict[int, float]) -> tuple[float, float]:
-    """Least-squares ``time = intercept + slope * rows``; (intercept, slope)."""
+    """Least-squares ``time = intercept + slope * rows`` with ``intercept >= 0``; (intercept, slope).
+
+    A negative intercept (noise, or per-sample cost falling with the micro-batch) is refitted
+    through the origin rather than clipped, so the line still fits the measured points.
+    """
     xs, ys = list(points), list(points.values())
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / \
         sum((x - mean_x) ** 2 for x in xs)
-    return max(mean_y - slope * mean_x, 0.0), slope
+    intercept = mean_y - slope * mean_x
+    if intercept >= 0:
+        return intercept, slope
+    return 0.0, sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
 
 
 def free_port() -> int:

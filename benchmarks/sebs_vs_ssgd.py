@@ -47,6 +47,7 @@ def run(kind: str, seed: int, data: Any, args: argparse.Namespace, storage: str)
     result = trainer.fit()
     summary = result.summary
     return {"kind": kind, "seed": seed, "accuracy": summary["final_validation_accuracy"],
+            "loss": summary["final_validation_loss"],
             "updates": summary["updates"], "planned": summary["planned_updates"],
             "wall": time.perf_counter() - started, "restarts": summary["worker_group_restarts"],
             "restart_s": summary["restart_time_s"], "peak_workers": summary["peak_workers"],
@@ -85,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# seed {seed} {kind} done: accuracy {runs[-1]['accuracy']:.4f}", flush=True)
     print(f"\n{runs[0]['train_rows']} training rows, B1={args.batch_size}, {args.stages} stages x "
           f"{args.epochs_per_stage} epochs, lr {args.lr:g}, {args.optimizer}\n")
-    print(common.table(("seed", "schedule", "val acc", "updates", "planned", "peak workers", "restarts",
-                        "restart s", "wall s"),
-                       [(r["seed"], r["kind"], f"{r['accuracy']:.4f}", r["updates"], r["planned"],
+    print(common.table(("seed", "schedule", "val acc", "val loss", "updates", "planned", "peak workers",
+                        "restarts", "restart s", "wall s"),
+                       [(r["seed"], r["kind"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", r["updates"],
+                         r["planned"],
                          r["peak_workers"], r["restarts"], f"{r['restart_s']:.1f}", f"{r['wall']:.1f}")
                         for r in runs]))
     rows, means = [], {}
