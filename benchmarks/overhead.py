@@ -92,11 +92,12 @@ def measure_case(case: Case, args: argparse.Namespace, device: torch.device) -> 
     bare_model, bare_optimizer = fresh()
 
     def run_sebs(updates: int) -> None:
-        tally = EpochTally(device=device, updates_before=0)  # one per epoch in the loop
+        tally = EpochTally(device=device, updates_before=0)  # both made once per epoch in the loop
+        loss_scale = torch.tensor(split.loss_scale, device=device)
         for index in range(updates):
             features, labels = batches[index % len(batches)]
             train_update(sebs_model, sebs_optimizer, cross_entropy_per_sample, features, labels,
-                         micro_batches, split.loss_scale, tally)
+                         micro_batches, loss_scale, tally)
 
     def run_bare(updates: int) -> None:
         for index in range(updates):
@@ -137,8 +138,8 @@ def check_same_update(fresh: Callable[[], tuple[nn.Module, torch.optim.Optimizer
                       loss_scale: float, device: torch.device) -> bool:
     """Both variants do the same work: one update from the same weights gives the same weights."""
     (sebs_model, sebs_optimizer), (bare_model, bare_optimizer) = fresh(), fresh()
-    train_update(sebs_model, sebs_optimizer, cross_entropy_per_sample, *batch, micro_batches, loss_scale,
-                 EpochTally(device=device, updates_before=0))
+    train_update(sebs_model, sebs_optimizer, cross_entropy_per_sample, *batch, micro_batches,
+                 torch.tensor(loss_scale, device=device), EpochTally(device=device, updates_before=0))
     bare_update(bare_model, bare_optimizer, *batch, micro_batches)
     return all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
                for a, b in zip(sebs_model.parameters(), bare_model.parameters(), strict=True))

@@ -133,13 +133,13 @@ def time_updates(model: nn.Module, optimizer: torch.optim.Optimizer, split: Batc
                  batch: tuple[torch.Tensor, torch.Tensor], updates: int, device: torch.device) -> float:
     """Seconds per update of the loop's own ``train_update``."""
     tally = EpochTally(device=device, updates_before=0)
+    loss_scale = torch.tensor(split.loss_scale, device=device)
     micro_batches = split.rank_micro_batches(rank)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     for _ in range(updates):
-        train_update(model, optimizer, cross_entropy_per_sample, *batch, micro_batches, split.loss_scale,
-                     tally)
+        train_update(model, optimizer, cross_entropy_per_sample, *batch, micro_batches, loss_scale, tally)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / updates

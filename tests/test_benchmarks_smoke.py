@@ -70,7 +70,7 @@ def test_restart_cost_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     output = capsys.readouterr().out
     assert "ray-sebs restart 1->2" in output
     assert "zero restarts where the worker count does not change: yes" in output
-    assert "restart / bare fit W=2" in output
+    assert "train fn start -> first update" in output
 
 
 @pytest.mark.ray
