@@ -49,7 +49,7 @@ from ray_sebs.plan import BatchDecomposition, ElasticPlan, build_plan, decompose
 
 DEFAULT_BANDWIDTH_GBPS = 100.0  # one 100 Gb/s-class NIC per GPU (InfiniBand HDR100 / 100 GbE)
 DEFAULT_LATENCY_US = 30.0  # per all-reduce round over such a fabric: 20-50 us
-DEFAULT_RESTART_S = 15.0  # a bare TorchTrainer.fit() on this machine (benchmarks/RESULTS.md)
+DEFAULT_RESTART_S = 23.0  # a ray-sebs 1 -> 2 worker restart on this machine (benchmarks/RESULTS.md)
 
 
 @dataclass(frozen=True)
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep.append((ratio, predict(build_plan(schedule_config("sebs", ratio), args.dataset_size,
                                                     budget), costs)))
         except ConfigError as problem:
-            print(f"rho={ratio:g}: not feasible ({problem.problem})")
+            print(f"rho={ratio:g}: not feasible: {problem}")
     if sweep:
         fastest = min(sweep, key=lambda item: item[1].time_s)[0]
         cheapest = min(sweep, key=lambda item: item[1].gpu_hours)[0]

@@ -21,7 +21,9 @@ need no special case: only micro-batches ever reach the device.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -29,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray.train
 import ray.train.torch
@@ -42,6 +44,7 @@ from ray_sebs.plan import ElasticPlan
 from ray_sebs.report import format_epoch
 
 logger = logging.getLogger(__name__)
+BatchT = TypeVar("BatchT")
 
 CHECKPOINT_FILE = "sebs_state.pt"
 NON_FINITE = "non_finite"
@@ -106,10 +109,12 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
     started_at = time.time()
-    # First, so that the dataset split's coordinator starts while the model is restored and DDP
-    # connects (seconds on a restart of 2 workers), not while the first epoch waits for data.
+    # Where a worker group's start-up goes, printed by rank 0 at its first update: on a resize this
+    # is the part of the restart that the loop itself (not Ray Train) spends.
+    startup = [("start", time.perf_counter())]
     train_shard = ray.train.get_dataset_shard("train")
     validation = ray.train.get_dataset_shard("validation") if config.has_validation else None
+    startup.append(("dataset shards", time.perf_counter()))
 
     # Restore before wrapping in DDP so that every rank starts from the same weights. Without a
     # checkpoint, DDP broadcasts rank 0's initialisation, which the seed makes reproducible.
@@ -125,11 +130,20 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         load_model_state(model, saved["model"])
         optimizer_state = saved["optimizer"]
         state = TrainState(**saved["state"])
+    startup.append(("model and checkpoint", time.perf_counter()))
     if state.next_epoch >= segment.end_epoch:
         return None  # this segment finished before a driver restart; nothing to redo
     if state.next_epoch < segment.first_epoch:
         raise RuntimeError(f"segment {segment.index} starts at epoch {segment.first_epoch} but the "
                            f"latest checkpoint resumes at epoch {state.next_epoch}")
+
+    # A new worker group's first batch waits seconds for Ray Data to start the split (a new
+    # coordinator actor): ask for it now, so that it arrives while DDP connects and the optimizer
+    # is built (torch's first optimizer imports its compiler stack, seconds too), not after.
+    first_batches: Iterator[dict[str, torch.Tensor]] | None = prefetch_first(epoch_batches(
+        train_shard, plan.decomposition(plan.schedule.stage_of_epoch(state.next_epoch).index,
+                                        world_size).rank_samples[rank],
+        shuffle_seed=epoch_shuffle_seed(config.seed, state.next_epoch, rank)))
 
     model = ray.train.torch.prepare_model(model)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -137,6 +151,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     optimizer = config.optimizer.build(model.parameters(), first_stage.learning_rate)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    startup.append(("DDP and optimizer", time.perf_counter()))
     asked = config.workers or segment.workers
     if world_size < asked and rank == 0:
         planned = plan.decomposition(first_stage.index, asked)
@@ -156,19 +171,22 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         for group in optimizer.param_groups:
             group["lr"] = stage.learning_rate
         # Seeding from (seed, epoch, rank) makes a resumed epoch draw what the original would have.
-        torch.manual_seed(config.seed * 100_003 + epoch * 1009 + rank)
+        torch.manual_seed(epoch_shuffle_seed(config.seed, epoch, rank))
 
         model.train()
         epoch_started = time.perf_counter()
         data_wait = 0.0
         tally = EpochTally(device=device, updates_before=state.updates)
         loss_scale = torch.tensor(split.loss_scale, device=device)
-        batches = epoch_batches(train_shard, split.rank_samples[rank],
-                                shuffle_seed=config.seed * 100_003 + epoch * 1009 + rank)
+        batches = first_batches if first_batches is not None else epoch_batches(
+            train_shard, split.rank_samples[rank], shuffle_seed=epoch_shuffle_seed(config.seed, epoch, rank))
+        first_batches = None
         for _ in range(split.updates_per_epoch):
             waited_from = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - waited_from
+            if first_update_at is None:
+                startup.append(("first batch", time.perf_counter()))
             features, labels = batch["features"], batch["label"]
             if len(labels) != split.rank_samples[rank]:
                 raise RuntimeError(f"rank {rank} got {len(labels)} rows for an update that needs "
@@ -177,6 +195,13 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                          loss_scale, tally)
             if first_update_at is None:
                 first_update_at = time.time()
+                startup.append(("first update", time.perf_counter()))
+                if rank == 0:  # printed like the epoch lines, which reach the driver's console
+                    phases = ", ".join(f"{name} {end - begin:.2f} s"
+                                       for (_, begin), (name, end) in itertools.pairwise(startup))
+                    print(f"segment {segment.index} on {world_size} workers: first update "
+                          f"{startup[-1][1] - startup[0][1]:.2f} s after the loop started ({phases})",
+                          flush=True)
         train_time = time.perf_counter() - epoch_started
 
         epoch_updates = split.updates_per_epoch
@@ -227,6 +252,26 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         state.history.append(record)
         state.next_epoch = epoch + 1
         report_epoch(record, state, module, optimizer, rank)
+
+
+def epoch_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's epoch: data order and torch RNG, the same again after a resume."""
+    return seed * 100_003 + epoch * 1009 + rank
+
+
+def prefetch_first(batches: Iterator[BatchT]) -> Iterator[BatchT]:
+    """``batches``, whose first item is requested now, in a background thread."""
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="first-batch")
+    first = executor.submit(next, batches, None)
+    executor.shutdown(wait=False)  # the thread ends with its one task
+
+    def chained() -> Iterator[BatchT]:
+        item = first.result()
+        if item is not None:
+            yield item
+            yield from batches
+
+    return chained()
 
 
 def epoch_batches(shard: Any, rows: int, shuffle_seed: int) -> Iterator[dict[str, torch.Tensor]]:
