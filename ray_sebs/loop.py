@@ -109,7 +109,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
     started_at = time.time()
-    # Where a worker group's start-up goes, printed by rank 0 at its first update: on a resize this
+    # Where a worker group's start-up goes, logged by rank 0 at its first update: on a resize this
     # is the part of the restart that the loop itself (not Ray Train) spends.
     startup = [("start", time.perf_counter())]
     train_shard = ray.train.get_dataset_shard("train")
@@ -196,12 +196,11 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             if first_update_at is None:
                 first_update_at = time.time()
                 startup.append(("first update", time.perf_counter()))
-                if rank == 0:  # printed like the epoch lines, which reach the driver's console
+                if rank == 0:
                     phases = ", ".join(f"{name} {end - begin:.2f} s"
                                        for (_, begin), (name, end) in itertools.pairwise(startup))
-                    print(f"segment {segment.index} on {world_size} workers: first update "
-                          f"{startup[-1][1] - startup[0][1]:.2f} s after the loop started ({phases})",
-                          flush=True)
+                    logger.info("segment %d on %d workers: first update %.2f s after the loop started (%s)",
+                                segment.index, world_size, startup[-1][1] - startup[0][1], phases)
         train_time = time.perf_counter() - epoch_started
 
         epoch_updates = split.updates_per_epoch
@@ -353,7 +352,9 @@ def report_epoch(record: dict[str, Any], state: TrainState, module: nn.Module,
     if rank != 0:
         ray.train.report(record, checkpoint=None)
         return
-    print(format_epoch(record), flush=True)
+    # A logger, not print: Ray Train 2.60 tees a worker's print to stdout and to its logger, so
+    # each printed line reached the driver's console twice. Its worker root logger is at INFO.
+    logger.info("%s", format_epoch(record))
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "state": {"next_epoch": state.next_epoch, "updates": state.updates,
