@@ -17,6 +17,7 @@ import ray
 import ray.cloudpickle
 import torch
 from ray.train import FailureConfig, RunConfig
+from toy_problem import make_rows, small_model, to_dataset
 
 from ray_sebs import ClusterConfig, ScheduleConfig
 from ray_sebs.trainer import SEBSTrainer, load_checkpoint_state
@@ -25,27 +26,6 @@ from ray_sebs.trainer import SEBSTrainer, load_checkpoint_state
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-FEATURES = 6
-CLASSES = 3
-
-
-def make_rows(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    features = rng.normal(size=(count, FEATURES)).astype(np.float32)
-    labels = (features[:, 0] > 0).astype(np.int64) + (features[:, 1] > 1).astype(np.int64)
-    return features, labels
-
-
-def to_dataset(features: np.ndarray, labels: np.ndarray) -> ray.data.Dataset:
-    return ray.data.from_items([{"features": f, "label": int(y)}
-                                for f, y in zip(features, labels, strict=True)])
-
-
-def small_model() -> torch.nn.Module:
-    torch.manual_seed(1234)
-    return torch.nn.Sequential(torch.nn.Linear(FEATURES, 8), torch.nn.Tanh(),
-                               torch.nn.Linear(8, CLASSES))
 
 
 class FailOnce(torch.nn.Module):
