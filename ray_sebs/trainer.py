@@ -30,7 +30,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -50,6 +49,7 @@ from ray_sebs.loop import (
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.schedule import ScheduleConfig
+from ray_sebs.storage import read_json, write_bytes
 
 if TYPE_CHECKING:
     import ray.data
@@ -416,26 +416,13 @@ def _describe_model_difference(old: Mapping[str, list[int]], new: Mapping[str, l
             f"{old.get(first, 'absent')} -> {new.get(first, 'absent')})")
 
 
-def _filesystem(run_dir: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(run_dir if "://" in run_dir else os.path.abspath(run_dir))
-
-
 def load_run_record(run_dir: str) -> dict[str, Any] | None:
-    filesystem, path = _filesystem(run_dir)
-    record_path = f"{path}/{RUN_RECORD}"
-    if filesystem.get_file_info(record_path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with filesystem.open_input_stream(record_path) as stream:
-        return json.loads(stream.read().decode())
+    return read_json(f"{run_dir}/{RUN_RECORD}")
 
 
 def save_run_record(run_dir: str, record: Mapping[str, Any]) -> None:
     """Write the run record atomically where the filesystem allows (write, then move)."""
-    filesystem, path = _filesystem(run_dir)
-    filesystem.create_dir(path, recursive=True)
-    with filesystem.open_output_stream(f"{path}/{RUN_RECORD}.tmp") as stream:
-        stream.write(json.dumps(record, indent=2).encode())
-    filesystem.move(f"{path}/{RUN_RECORD}.tmp", f"{path}/{RUN_RECORD}")
+    write_bytes(f"{run_dir}/{RUN_RECORD}", json.dumps(record, indent=2).encode())
 
 
 def finished_epochs(plan: ElasticPlan, record: Mapping[str, Any]) -> int:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from ray_sebs.errors import ConfigError
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.schedule import SCHEDULE_KINDS, ScheduleConfig
+from ray_sebs.storage import read_json, write_bytes
 
 if TYPE_CHECKING:
     from ray_sebs.data import DatasetConfig
@@ -671,36 +672,6 @@ def write_comparison(comparison: Comparison,
         with open(local, "rb") as handle:
             write_bytes(paths["png"], handle.read())
     return paths
-
-
-# --------------------------------------------------------------------------------------------
-# Files on local disk or shared storage
-
-
-def _filesystem(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Write through pyarrow (local or s3://, gs://), via a temporary name then a move."""
-    filesystem, where = _filesystem(path)
-    filesystem.create_dir(where.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(f"{where}.tmp") as stream:
-        stream.write(data)
-    filesystem.move(f"{where}.tmp", where)
-
-
-def read_json(path: str) -> Any | None:
-    """The JSON document at ``path``, or ``None`` when there is none."""
-    import pyarrow.fs
-
-    filesystem, where = _filesystem(path)
-    if filesystem.get_file_info(where).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with filesystem.open_input_stream(where) as stream:
-        return json.loads(stream.read().decode())
 
 
 # --------------------------------------------------------------------------------------------
