@@ -140,14 +140,14 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # A new worker group's first batch waits seconds for Ray Data to start the split (a new
     # coordinator actor): ask for it now, so that it arrives while DDP connects and the optimizer
     # is built (torch's first optimizer imports its compiler stack, seconds too), not after.
-    first_batches: Iterator[dict[str, torch.Tensor]] | None = prefetch_first(epoch_batches(
-        train_shard, plan.decomposition(plan.schedule.stage_of_epoch(state.next_epoch).index,
-                                        world_size).rank_samples[rank],
-        shuffle_seed=epoch_shuffle_seed(config.seed, state.next_epoch, rank)))
+    resume_epoch = state.next_epoch
+    first_stage = plan.schedule.stage_of_epoch(resume_epoch)
+    first_batches = prefetch_first(epoch_batches(
+        train_shard, plan.decomposition(first_stage.index, world_size).rank_samples[rank],
+        shuffle_seed=epoch_seed(config.seed, resume_epoch, rank)))
 
     model = ray.train.torch.prepare_model(model)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    first_stage = plan.schedule.stage_of_epoch(state.next_epoch)
     optimizer = config.optimizer.build(model.parameters(), first_stage.learning_rate)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -164,23 +164,22 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     first_update_at: float | None = None
 
-    for epoch in range(state.next_epoch, segment.end_epoch):
+    for epoch in range(resume_epoch, segment.end_epoch):
         stage = plan.schedule.stage_of_epoch(epoch)
         split = plan.decomposition(stage.index, world_size)
         micro_batches = split.rank_micro_batches(rank)
         for group in optimizer.param_groups:
             group["lr"] = stage.learning_rate
         # Seeding from (seed, epoch, rank) makes a resumed epoch draw what the original would have.
-        torch.manual_seed(epoch_shuffle_seed(config.seed, epoch, rank))
+        torch.manual_seed(epoch_seed(config.seed, epoch, rank))
 
         model.train()
         epoch_started = time.perf_counter()
         data_wait = 0.0
         tally = EpochTally(device=device, updates_before=state.updates)
         loss_scale = torch.tensor(split.loss_scale, device=device)
-        batches = first_batches if first_batches is not None else epoch_batches(
-            train_shard, split.rank_samples[rank], shuffle_seed=epoch_shuffle_seed(config.seed, epoch, rank))
-        first_batches = None
+        batches = first_batches if epoch == resume_epoch else epoch_batches(
+            train_shard, split.rank_samples[rank], shuffle_seed=epoch_seed(config.seed, epoch, rank))
         for _ in range(split.updates_per_epoch):
             waited_from = time.perf_counter()
             batch = next(batches)
@@ -253,7 +252,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         report_epoch(record, state, module, optimizer, rank)
 
 
-def epoch_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of one rank's epoch: data order and torch RNG, the same again after a resume."""
     return seed * 100_003 + epoch * 1009 + rank
 
