@@ -1,8 +1,11 @@
-"""The one error type for bad configuration and bad input.
+"""Errors ray-sebs raises on purpose, and the small checks and texts they share.
 
-Every check in ray-sebs that can be done before cluster resources are requested raises
-:class:`ConfigError`. It carries the offending field and value so the CLI can name the flag the
-user typed, and the message always says how to fix it.
+Every error of ray-sebs's own is a :class:`SEBSError`, so a caller (the CLI, a Tune trial, a
+user's script) catches ray-sebs's refusals by type. Every check that can run before cluster
+resources are requested raises :class:`ConfigError`; it carries the offending field and value so
+the CLI can name the flag the user typed, and the message always says how to fix it.
+
+This module imports neither Ray nor torch: the plan and the schedule use it.
 """
 
 from __future__ import annotations
@@ -10,7 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 
-class ConfigError(ValueError):
+class SEBSError(Exception):
+    """Base class of every error ray-sebs raises on purpose."""
+
+
+class ConfigError(SEBSError, ValueError):
     """A configuration value or an input dataset that ray-sebs refuses, with the fix."""
 
     def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
@@ -24,8 +31,11 @@ class ConfigError(ValueError):
         """The one-line message, naming the field as ``name`` (a flag or an attribute)."""
         return f"{name}={self.value!r}: {self.problem}; {self.fix}"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.field, self.value, self.problem, self.fix))
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(SEBSError, RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is the epoch before.
 
     Raised by the driver (:meth:`ray_sebs.trainer.SEBSTrainer.fit`), not retried: a non-finite
@@ -54,3 +64,60 @@ class NonFiniteLossError(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.stage, self.update, self.global_batch_size, self.epoch,
                              self.checkpoint))
+
+
+class InvariantError(SEBSError, RuntimeError):
+    """A promise of the training loop was broken: an update that did not use exactly B_s samples,
+    a segment that does not start where the plan says, a run that ended short of its plan.
+
+    Never the user's fault and never retried as if it were a flaky worker: it is a bug to report.
+    """
+
+
+class CheckpointError(SEBSError, RuntimeError):
+    """A checkpoint that cannot be used for this run: it does not fit the model, or it cannot be
+    read. The message names the checkpoint and says what to do."""
+
+
+def require_int(name: str, value: object, *, minimum: int, fix: str) -> None:
+    """Refuse a non-integer (``bool`` included) or an integer below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, value, "must be an integer", fix)
+    if value < minimum:
+        raise ConfigError(name, value, f"must be >= {minimum}", fix)
+
+
+def format_number(value: float) -> str:
+    """A number as a person writes it and a parser reads it back: ``2`` for 2.0, ``1.5`` for 1.5;
+    ``nan`` and ``inf`` as such."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def root_cause_line(error: BaseException, *, limit: int = 300) -> str:
+    """What actually went wrong under a chain of Ray wrappers, in one line.
+
+    Follows Ray Train's ``worker_failures`` (lowest rank first) and ``controller_failure``, Ray
+    Core's ``cause``, then ``__cause__`` and ``__context__`` to the innermost error; a ray-sebs
+    error on the way is the answer itself. Of that error's message the first non-blank line is
+    kept (Ray appends retry advice after it), or the last one when the message carries a remote
+    traceback, whose last line is the exception itself.
+    """
+    seen: set[int] = set()
+    while id(error) not in seen and not isinstance(error, SEBSError):
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        inner = (failures[min(failures)] if isinstance(failures, dict) and failures else None)
+        inner = (inner or getattr(error, "controller_failure", None) or getattr(error, "cause", None)
+                 or error.__cause__ or error.__context__)
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[-1] if any(line.startswith("Traceback (most recent call last)") for line in lines) \
+        else lines[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
