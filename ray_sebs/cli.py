@@ -382,12 +382,12 @@ def check_run_flags(args: argparse.Namespace) -> None:
 def check_data_paths(dataset_config: Any) -> None:
     """Missing, empty or unreadable ``--data``/``--validation-data`` fail before Ray starts (the
     columns and values are checked after, by :func:`ray_sebs.data.load_data`)."""
-    from ray_sebs.data import _resolve_source
+    from ray_sebs.data_files import resolve_source
 
     if dataset_config.path is not None:
-        _resolve_source(dataset_config.path, "data_path", "data")
+        resolve_source(dataset_config.path, "data_path", "data")
     if dataset_config.validation_path is not None:
-        _resolve_source(dataset_config.validation_path, "validation_path", "validation data")
+        resolve_source(dataset_config.validation_path, "validation_path", "validation data")
 
 
 def command_train(args: argparse.Namespace) -> int:
