@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from ray_sebs.errors import ConfigError, format_number
+from ray_sebs.flags import to_flags
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.schedule import ScheduleConfig
 
@@ -279,29 +280,9 @@ _RUN_FLAGS = ("--storage-path", "--name")
 def plan_flags(schedule: ScheduleConfig, cluster: ClusterConfig) -> list[str]:
     """The ``ray-sebs plan``/``train`` flags that reproduce ``schedule`` on ``cluster``, every one
     spelled out (defaults included) so a change of default cannot change a submitted job."""
-    epochs = schedule.epochs_per_stage
-    flags = [
-        "--schedule", schedule.kind,
-        "--batch-size", str(schedule.initial_batch_size),
-        "--ratio", format_number(schedule.growth_ratio),
-        "--stages", str(schedule.num_stages),
-        "--epochs-per-stage", ",".join(map(str, epochs)) if isinstance(epochs, tuple) else str(epochs),
-        "--lr", format_number(schedule.learning_rate),
-    ]
-    if schedule.max_batch_size is not None:
-        flags += ["--max-batch-size", str(schedule.max_batch_size)]
-    flags += [
-        "--batch-granularity", str(schedule.batch_granularity),
-        "--min-workers", str(cluster.min_workers),
-        "--max-workers", str(cluster.max_workers),
-        "--max-micro-batch", str(cluster.max_micro_batch),
-    ]
-    if cluster.use_gpu:
-        flags.append("--use-gpu")
-    # Always explicit: the pods are sized for this bundle, whatever `train` would default to.
-    flags += ["--resources-per-worker",
-              ",".join(f"{name}={format_number(amount)}" for name, amount in cluster.worker_bundle().items())]
-    return flags
+    # The worker bundle always explicit: the pods are sized for it, whatever `train` would default to.
+    bundle = replace(cluster, resources_per_worker=cluster.worker_bundle())
+    return [*to_flags(schedule, "schedule"), *to_flags(bundle, "cluster")]
 
 
 def train_entrypoint(plan: ElasticPlan, *, storage_path: str, name: str,
@@ -332,8 +313,8 @@ class Sweep:
         return max(plan.peak_workers for plan in self.plans(schedule, dataset_size, cluster))
 
     def flags(self) -> list[str]:
-        return ["--ratios", ",".join(map(format_number, self.ratios)), "--schedules", ",".join(self.kinds),
-                "--seeds", str(self.seeds)]
+        """``--ratios``, ``--schedules`` and ``--seeds`` of ``ray-sebs tune``."""
+        return to_flags(self, "sweep")
 
 
 def tune_entrypoint(schedule: ScheduleConfig, cluster: ClusterConfig, sweep: Sweep, *,
