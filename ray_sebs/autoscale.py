@@ -88,13 +88,6 @@ def plan_prefetch(plan: ElasticPlan, epoch_just_finished: int, seconds_per_epoch
                            seconds_left=seconds_left, lead_time_s=lead_time_s)
 
 
-def prefetch_bundles(plan: ElasticPlan, epoch_just_finished: int, seconds_per_epoch: float,
-                     lead_time_s: float) -> list[dict[str, float]] | None:
-    """The next segment's bundles when they are due (see :func:`plan_prefetch`), else ``None``."""
-    request = plan_prefetch(plan, epoch_just_finished, seconds_per_epoch, lead_time_s)
-    return None if request is None else request.bundles
-
-
 def release_resource_request(request_fn: RequestFn | None = None) -> None:
     """Withdraw the standing request (``bundles=[]``) so the autoscaler may remove idle nodes.
 

@@ -3,8 +3,9 @@
 Why generate them: the cluster should follow the stage plan instead of being sized by hand. The
 worker group scales from 0 to the plan's peak worker count, one Ray worker pod per Train worker,
 and each pod is sized from the plan's per-worker bundle (GPUs as ``nvidia.com/gpu``, CPUs for the
-Train worker plus room for Ray Data's read tasks, which starve otherwise; DESIGN.md §4). The job's
-entrypoint repeats the plan's schedule and worker flags, so the job trains exactly the planned run.
+Train worker plus room for Ray Data's read tasks, which starve otherwise: workers holding every CPU
+leave none for reading, and the run hangs). The job's entrypoint repeats the plan's schedule and
+worker flags, so the job trains exactly the planned run.
 
 :func:`build_cluster_spec` is the one place the RayCluster structure is written. It backs the
 manifests ``ray-sebs plan --emit-kuberay`` writes and the checked-in ``cluster/*.yaml``
@@ -36,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from ray_sebs.errors import ConfigError
+from ray_sebs.errors import ConfigError, format_number
+from ray_sebs.flags import to_flags
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.schedule import ScheduleConfig
 
@@ -198,7 +200,7 @@ def build_cluster_spec(max_workers: int, worker_bundle: Mapping[str, float],
             tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
             if worker.gpus else None),
     }
-    custom = {name: _number(amount) for name, amount in sorted(worker_bundle.items())
+    custom = {name: format_number(amount) for name, amount in sorted(worker_bundle.items())
               if name not in _RAY_BUILTIN_RESOURCES}
     if custom:
         # Ray resources that are not Kubernetes resources, e.g. an accelerator-type label.
@@ -278,29 +280,9 @@ _RUN_FLAGS = ("--storage-path", "--name")
 def plan_flags(schedule: ScheduleConfig, cluster: ClusterConfig) -> list[str]:
     """The ``ray-sebs plan``/``train`` flags that reproduce ``schedule`` on ``cluster``, every one
     spelled out (defaults included) so a change of default cannot change a submitted job."""
-    epochs = schedule.epochs_per_stage
-    flags = [
-        "--schedule", schedule.kind,
-        "--batch-size", str(schedule.initial_batch_size),
-        "--ratio", _number(schedule.growth_ratio),
-        "--stages", str(schedule.num_stages),
-        "--epochs-per-stage", ",".join(map(str, epochs)) if isinstance(epochs, tuple) else str(epochs),
-        "--lr", _number(schedule.learning_rate),
-    ]
-    if schedule.max_batch_size is not None:
-        flags += ["--max-batch-size", str(schedule.max_batch_size)]
-    flags += [
-        "--batch-granularity", str(schedule.batch_granularity),
-        "--min-workers", str(cluster.min_workers),
-        "--max-workers", str(cluster.max_workers),
-        "--max-micro-batch", str(cluster.max_micro_batch),
-    ]
-    if cluster.use_gpu:
-        flags.append("--use-gpu")
-    # Always explicit: the pods are sized for this bundle, whatever `train` would default to.
-    flags += ["--resources-per-worker",
-              ",".join(f"{name}={_number(amount)}" for name, amount in cluster.worker_bundle().items())]
-    return flags
+    # The worker bundle always explicit: the pods are sized for it, whatever `train` would default to.
+    bundle = replace(cluster, resources_per_worker=cluster.worker_bundle())
+    return [*to_flags(schedule, "schedule"), *to_flags(bundle, "cluster")]
 
 
 def train_entrypoint(plan: ElasticPlan, *, storage_path: str, name: str,
@@ -331,8 +313,8 @@ class Sweep:
         return max(plan.peak_workers for plan in self.plans(schedule, dataset_size, cluster))
 
     def flags(self) -> list[str]:
-        return ["--ratios", ",".join(map(_number, self.ratios)), "--schedules", ",".join(self.kinds),
-                "--seeds", str(self.seeds)]
+        """``--ratios``, ``--schedules`` and ``--seeds`` of ``ray-sebs tune``."""
+        return to_flags(self, "sweep")
 
 
 def tune_entrypoint(schedule: ScheduleConfig, cluster: ClusterConfig, sweep: Sweep, *,
@@ -352,7 +334,7 @@ def tune_entrypoint(schedule: ScheduleConfig, cluster: ClusterConfig, sweep: Swe
 def default_job_name(plan: ElasticPlan) -> str:
     """A RayJob (and run) name from the plan, e.g. ``sebs-rho2-b256-w8``."""
     config = plan.schedule.config
-    ratio = _number(config.growth_ratio).replace(".", "p")
+    ratio = format_number(config.growth_ratio).replace(".", "p")
     return f"{config.kind}-rho{ratio}-b{config.initial_batch_size}-w{plan.peak_workers}"
 
 
@@ -403,7 +385,8 @@ def emit_ray_job(plan: ElasticPlan, path: str | Path, *, image: str | None = Non
 
 
 def check_storage_path(storage_path: str) -> str:
-    """Every pod must reach the storage: a local path exists in one pod only (DESIGN.md §5)."""
+    """Every pod must reach the storage: a local path exists in one pod only, and multi-node Ray
+    Train needs shared storage (S3, GCS, NFS) for ``RunConfig.storage_path``."""
     scheme, sep, rest = storage_path.partition("://")
     if not sep or not scheme or not rest:
         raise ConfigError("storage_path", storage_path,
@@ -560,12 +543,6 @@ def _check_extra_args(extra_args: Sequence[str], planned: Sequence[str]) -> None
             raise ConfigError("job_args", " ".join(extra_args),
                               f"sets {flag}, which the plan already sets",
                               "pass it to `ray-sebs plan` itself, so plan and job agree")
-
-
-def _number(value: float) -> str:
-    """``2`` for 2.0, ``1.5`` for 1.5: the shortest text that parses back to the same float."""
-    value = float(value)
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 class _ManifestDumper(yaml.SafeDumper):

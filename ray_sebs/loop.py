@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ray_sebs.errors import CheckpointError, InvariantError
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ElasticPlan
 from ray_sebs.report import format_epoch
@@ -134,8 +135,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if state.next_epoch >= segment.end_epoch:
         return None  # this segment finished before a driver restart; nothing to redo
     if state.next_epoch < segment.first_epoch:
-        raise RuntimeError(f"segment {segment.index} starts at epoch {segment.first_epoch} but the "
-                           f"latest checkpoint resumes at epoch {state.next_epoch}")
+        raise InvariantError(f"segment {segment.index} starts at epoch {segment.first_epoch} but the "
+                             f"latest checkpoint resumes at epoch {state.next_epoch}")
 
     # A new worker group's first batch waits seconds for Ray Data to start the split (a new
     # coordinator actor): ask for it now, so that it arrives while DDP connects and the optimizer
@@ -188,8 +189,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 startup.append(("first batch", time.perf_counter()))
             features, labels = batch["features"], batch["label"]
             if len(labels) != split.rank_samples[rank]:
-                raise RuntimeError(f"rank {rank} got {len(labels)} rows for an update that needs "
-                                   f"{split.rank_samples[rank]}")
+                raise InvariantError(f"rank {rank} got {len(labels)} rows for an update that needs "
+                                     f"{split.rank_samples[rank]}")
             train_update(model, optimizer, config.loss_fn, features, labels, micro_batches,
                          loss_scale, tally)
             if first_update_at is None:
@@ -214,8 +215,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                                  "global_batch_size": stage.global_batch_size, "epoch": epoch}}
         epoch_samples = int(totals[1].item())
         if epoch_samples != epoch_updates * stage.global_batch_size:
-            raise RuntimeError(f"epoch {epoch} used {epoch_samples} samples for {epoch_updates} "
-                               f"updates of {stage.global_batch_size}")
+            raise InvariantError(f"epoch {epoch} used {epoch_samples} samples for {epoch_updates} "
+                                 f"updates of {stage.global_batch_size}")
         state.updates += epoch_updates
         state.samples += epoch_samples
         validation_loss, validation_accuracy = (
@@ -389,7 +390,7 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> N
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise RuntimeError(
+        raise CheckpointError(
             "the checkpoint does not fit this model (a different --model or data shape?): "
             f"{str(error).splitlines()[0]}; start a new run with another --name") from None
 

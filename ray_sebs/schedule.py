@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ray_sebs.errors import ConfigError
+from ray_sebs.errors import ConfigError, require_int
 
 ScheduleKind = Literal["sebs", "ssgd", "constant"]
 SCHEDULE_KINDS: tuple[str, ...] = ("sebs", "ssgd", "constant")
@@ -70,13 +70,13 @@ class ScheduleConfig:
         if self.kind not in SCHEDULE_KINDS:
             raise ConfigError("kind", self.kind, "unknown schedule kind",
                               f"use one of {', '.join(SCHEDULE_KINDS)}")
-        _require_int("initial_batch_size", self.initial_batch_size, minimum=1,
+        require_int("initial_batch_size", self.initial_batch_size, minimum=1,
                      fix="use a global batch of at least 1 sample")
         if isinstance(self.growth_ratio, bool) or not isinstance(self.growth_ratio, int | float) \
                 or not math.isfinite(self.growth_ratio) or self.growth_ratio < 1:
             raise ConfigError("growth_ratio", self.growth_ratio, "must be a number >= 1",
                               "use 1 for a constant batch, or e.g. 2 to double it every stage")
-        _require_int("num_stages", self.num_stages, minimum=1, fix="use at least 1 stage")
+        require_int("num_stages", self.num_stages, minimum=1, fix="use at least 1 stage")
         epochs = self.epochs_per_stage
         if isinstance(epochs, Sequence) and not isinstance(epochs, str):
             epochs = tuple(epochs)
@@ -86,23 +86,23 @@ class ScheduleConfig:
                                   f"gives {len(epochs)} values for {self.num_stages} stages",
                                   f"give one value, or exactly {self.num_stages} comma-separated")
             for value in epochs:
-                _require_int("epochs_per_stage", value, minimum=1,
+                require_int("epochs_per_stage", value, minimum=1,
                              fix="every stage needs at least 1 epoch")
         else:
-            _require_int("epochs_per_stage", epochs, minimum=1,
+            require_int("epochs_per_stage", epochs, minimum=1,
                          fix="every stage needs at least 1 epoch")
         if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, int | float) \
                 or not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError("learning_rate", self.learning_rate, "must be a positive number",
                               "use e.g. 0.1")
-        _require_int("batch_granularity", self.batch_granularity, minimum=1,
+        require_int("batch_granularity", self.batch_granularity, minimum=1,
                      fix="use 1 for no rounding, or the worker count")
         if self.initial_batch_size % self.batch_granularity:
             raise ConfigError("initial_batch_size", self.initial_batch_size,
                               f"is not a multiple of batch_granularity={self.batch_granularity}",
                               "choose a first batch that the granularity divides")
         if self.max_batch_size is not None:
-            _require_int("max_batch_size", self.max_batch_size, minimum=1,
+            require_int("max_batch_size", self.max_batch_size, minimum=1,
                          fix="use a positive cap, or none")
             if self.max_batch_size < self.initial_batch_size:
                 raise ConfigError("max_batch_size", self.max_batch_size,
@@ -212,7 +212,7 @@ def build_schedule(config: ScheduleConfig, dataset_size: int) -> Schedule:
     Raises :class:`ConfigError` when a stage's batch is larger than the dataset (it would make no
     update at all).
     """
-    _require_int("dataset_size", dataset_size, minimum=1, fix="the dataset needs at least 1 row")
+    require_int("dataset_size", dataset_size, minimum=1, fix="the dataset needs at least 1 row")
     stages = []
     first_epoch = 0
     for index in range(1, config.num_stages + 1):
@@ -230,9 +230,3 @@ def build_schedule(config: ScheduleConfig, dataset_size: int) -> Schedule:
         first_epoch += epochs
     return Schedule(config=config, dataset_size=dataset_size, stages=tuple(stages))
 
-
-def _require_int(name: str, value: object, *, minimum: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, value, "must be an integer", fix)
-    if value < minimum:
-        raise ConfigError(name, value, f"must be >= {minimum}", fix)

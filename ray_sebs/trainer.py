@@ -37,7 +37,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
-from ray_sebs.errors import ConfigError, NonFiniteLossError
+from ray_sebs.errors import ConfigError, InvariantError, NonFiniteLossError
 from ray_sebs.loop import (
     CHECKPOINT_FILE,
     NON_FINITE,
@@ -184,12 +184,12 @@ class SEBSTrainer:
                 release_resource_request()
         checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
         if checkpoint is None:
-            raise RuntimeError(f"run {name} finished without a checkpoint in {run_dir}")
+            raise InvariantError(f"run {name} finished without a checkpoint in {run_dir}")
         history = load_history(checkpoint)
         epochs = [entry["epoch"] for entry in history]
         if epochs != list(range(plan.schedule.total_epochs)):
-            raise RuntimeError(f"run {name} ended with epochs {epochs} of "
-                               f"{plan.schedule.total_epochs} in {run_dir}")
+            raise InvariantError(f"run {name} ended with epochs {epochs} of "
+                                 f"{plan.schedule.total_epochs} in {run_dir}")
         summary = summarize(plan, history, wall_time_s=time.perf_counter() - started)
         return SEBSResult(plan=plan, history=history, checkpoint=checkpoint, run_dir=run_dir,
                           summary=summary)

@@ -19,7 +19,6 @@ from ray_sebs.autoscale import (
     DEFAULT_LEAD_TIME_S,
     ResourcePrefetchCallback,
     plan_prefetch,
-    prefetch_bundles,
     release_resource_request,
 )
 from ray_sebs.errors import ConfigError
@@ -62,8 +61,9 @@ def report(callback: ResourcePrefetchCallback, epoch: int, epoch_time_s: float, 
 
 def test_requests_come_only_in_the_last_epochs_before_each_growing_boundary(plan: ElasticPlan) -> None:
     # 10 s per epoch and a 15 s lead time: due once at most one epoch is left in the segment.
-    due = {epoch: prefetch_bundles(plan, epoch, seconds_per_epoch=10, lead_time_s=15)
-           for epoch in range(plan.schedule.total_epochs)}
+    requests = {epoch: plan_prefetch(plan, epoch, seconds_per_epoch=10, lead_time_s=15)
+                for epoch in range(plan.schedule.total_epochs)}
+    due = {epoch: None if request is None else request.bundles for epoch, request in requests.items()}
     two, four = [BUNDLE] * 2, [BUNDLE] * 4
     assert due == {0: None, 1: two, 2: two,           # segment 0 (1 worker) -> segment 1 (2 workers)
                    3: None, 4: None, 5: four, 6: four,  # segment 1 -> segment 2 (4 workers)
@@ -100,7 +100,7 @@ def test_never_when_the_next_segment_is_not_larger(plan: ElasticPlan) -> None:
                         segments=(Segment(index=0, workers=2, stages=(first,)),
                                   Segment(index=1, workers=1, stages=(second,))))
     for epoch in range(first.stage.end_epoch):
-        assert prefetch_bundles(shrinking, epoch, 1.0, 10**6) is None
+        assert plan_prefetch(shrinking, epoch, 1.0, 10**6) is None
 
 
 def test_bad_numbers_are_refused(plan: ElasticPlan) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ray_sebs import data as data_module
+from ray_sebs import data_pipeline
 from ray_sebs.data import (
     DEFAULT_VALIDATION_FRACTION,
     DIGITS_ROWS,
@@ -201,7 +201,7 @@ def test_synthetic_images_and_wide_scaler() -> None:
                            synthetic_image_shape=(3, 12, 12))
     prepared = load_data(config)
     assert prepared.input_shape == (3, 12, 12)
-    assert prepared.num_features == 3 * 12 * 12 > data_module.SCALER_COLUMN_LIMIT
+    assert prepared.num_features == 3 * 12 * 12 > data_pipeline.SCALER_COLUMN_LIMIT
     assert (prepared.train_rows, prepared.validation_rows, prepared.num_classes) == (240, 60, 4)
     train, _ = arrays(prepared.train)
     assert train.shape == (240, 432) and train.dtype == np.float32
@@ -213,7 +213,7 @@ def test_wide_scaler_matches_standard_scaler(monkeypatch: pytest.MonkeyPatch) ->
     # A constant column checks the std-below-epsilon rule of both paths.
     config = DatasetConfig(name="synthetic", synthetic_rows=200, synthetic_features=6)
     narrow = load_data(config)
-    monkeypatch.setattr(data_module, "SCALER_COLUMN_LIMIT", 0)
+    monkeypatch.setattr(data_pipeline, "SCALER_COLUMN_LIMIT", 0)
     wide = load_data(config)
     for left, right in ((narrow.train, wide.train), (narrow.validation, wide.validation)):
         left_features, left_labels = arrays(left)

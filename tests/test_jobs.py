@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from ray_sebs.cli import check_storage_shared
 from ray_sebs.errors import ConfigError
+from ray_sebs.preflight import check_storage_shared
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN_DIR = Path(sys.executable).parent

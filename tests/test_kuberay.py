@@ -24,14 +24,9 @@ import pytest
 import yaml
 
 from ray_sebs import kuberay
-from ray_sebs.cli import (
-    build_parser,
-    cluster_config_from_args,
-    default_dataset_size,
-    main,
-    schedule_config_from_args,
-)
+from ray_sebs.cli import build_parser, default_dataset_size, main
 from ray_sebs.errors import ConfigError
+from ray_sebs.flags import cluster_config_from_args, schedule_config_from_args
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.schedule import ScheduleConfig
 
