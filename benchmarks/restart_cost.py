@@ -4,7 +4,7 @@ In one run, repetitions rotate through three variants:
 
 * ``ray-sebs 1->2``: a SEBS run on digits (MLP, B1=16, rho=2, one epoch per stage) whose plan keeps
   1 worker for stages 1-2 and 2 workers for stages 3-4: one worker-group restart. Its cost is
-  ``SEBSResult.summary['restart_times_s']``: from the end of the last epoch of the 1-worker segment
+  ``SEBSResult.summary['resize_times_s']``: from the end of the last epoch of the 1-worker segment
   to the first update of the 2-worker segment (teardown, start, process group, dataset split,
   checkpoint restore, first batch). The run's history must also show no restart where the worker
   count stays the same (one worker-group start per segment, constant world size within it).
@@ -37,7 +37,7 @@ from ray_sebs import ClusterConfig, ScheduleConfig
 from ray_sebs.data import DatasetConfig, load_data
 from ray_sebs.models import build_model
 from ray_sebs.plan import build_plan
-from ray_sebs.trainer import size_worker_resources
+from ray_sebs.resources import size_worker_resources
 
 TARGET = 1.2
 
@@ -103,8 +103,8 @@ def sebs_run(data: Any, args: argparse.Namespace, storage: str, name: str) -> di
     same_count_restarts = sum(1 for a, b in itertools.pairwise(history)
                               if a["world_size"] == b["world_size"]
                               and a["segment_started_at"] != b["segment_started_at"])
-    return {"restarts": result.summary["restart_times_s"], "wall": wall, "parts": parts,
-            "planned_restarts": result.plan.worker_group_restarts, "starts": len(starts),
+    return {"restarts": result.summary["resize_times_s"], "wall": wall, "parts": parts,
+            "planned_restarts": result.plan.resizes, "starts": len(starts),
             "segments": len(result.plan.segments), "same_count_boundaries": same_count_boundaries,
             "same_count_restarts": same_count_restarts,
             "worlds": "/".join(str(r["world_size"]) for r in history)}

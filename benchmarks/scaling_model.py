@@ -105,7 +105,7 @@ def predict(plan: ElasticPlan, costs: Costs) -> Prediction:
                        f"{stage.updates:,}", f"{compute * 1e3:.3f}", f"{communicate * 1e3:.3f}",
                        f"{seconds / 3600:.3f}"))
     return Prediction(time_s=time_s, gpu_hours=worker_s / 3600, rounds=rounds, updates=plan.total_updates,
-                      restarts=plan.worker_group_restarts, peak_workers=plan.peak_workers, stages=stages)
+                      restarts=plan.resizes, peak_workers=plan.peak_workers, stages=stages)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,8 +49,9 @@ def run(kind: str, seed: int, data: Any, args: argparse.Namespace, storage: str)
     return {"kind": kind, "seed": seed, "accuracy": summary["final_validation_accuracy"],
             "loss": summary["final_validation_loss"],
             "updates": summary["updates"], "planned": summary["planned_updates"],
-            "wall": time.perf_counter() - started, "restarts": summary["worker_group_restarts"],
-            "restart_s": summary["restart_time_s"], "peak_workers": summary["peak_workers"],
+            "wall": time.perf_counter() - started, "restarts": summary["resizes"] + summary["recoveries"],
+            "restart_s": summary["resize_time_s"] + summary["recovery_time_s"],
+            "peak_workers": summary["peak_workers"],
             "train_rows": result.plan.schedule.dataset_size}
 
 

@@ -56,7 +56,7 @@ def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None) -> str:
         f"updates: {plan.total_updates:,}  (all-reduce rounds: {plan.allreduce_rounds:,})",
         f"samples: {plan.total_samples:,}",
         f"peak workers: {plan.peak_workers}  segments: {len(plan.segments)}  "
-        f"worker-group restarts: {plan.worker_group_restarts}",
+        f"resizes: {plan.resizes}",
     ]
     if baseline is not None and baseline is not plan:
         saved = baseline.total_updates - plan.total_updates
@@ -120,6 +120,7 @@ def command_train(args: argparse.Namespace) -> int:
 
     from ray.train import FailureConfig, RunConfig
 
+    from ray_sebs.history import change_totals
     from ray_sebs.models import build_model
     from ray_sebs.optim import OptimizerConfig
     from ray_sebs.report import stage_table, write_history
@@ -159,8 +160,7 @@ def command_train(args: argparse.Namespace) -> int:
     print()
     print(f"updates {summary['updates']:,} (planned {summary['planned_updates']:,}), samples "
           f"{summary['samples']:,}, final validation accuracy {summary['final_validation_accuracy']:.4f}")
-    print(f"wall time {summary['wall_time_s']:.1f}s, worker-group restarts "
-          f"{summary['worker_group_restarts']} costing {summary['restart_time_s']:.1f}s, "
+    print(f"wall time {summary['wall_time_s']:.1f}s, {change_totals(result.history).describe()}, "
           f"worker-seconds {summary['worker_seconds']:.1f}")
     print(f"run directory: {result.run_dir}")
     for kind, path in paths.items():
@@ -172,16 +172,10 @@ def command_tune(args: argparse.Namespace) -> int:
     """Validate, sweep growth ratios with Ray Tune, write comparison.{md,csv,png}."""
     import datetime
 
+    from ray_sebs.comparison_report import comparison_markdown
+    from ray_sebs.sweep import check_same_sweep, check_sweep_options, run_sweep, sweep_fingerprint
+    from ray_sebs.sweep_space import SweepSpace, sweep_plans
     from ray_sebs.trainer import absolute_storage_path
-    from ray_sebs.tune import (
-        SweepSpace,
-        check_same_sweep,
-        check_sweep_options,
-        comparison_markdown,
-        run_sweep,
-        sweep_fingerprint,
-        sweep_plans,
-    )
 
     for field, flag in (("kind", "--schedules"), ("growth_ratio", "--ratios")):
         value = args.schedule if field == "kind" else args.ratio

@@ -199,8 +199,8 @@ class ElasticPlan:
         return max(stage.target_workers for stage in self.stages)
 
     @property
-    def worker_group_restarts(self) -> int:
-        """Worker-group restarts between segments (a change of worker count)."""
+    def resizes(self) -> int:
+        """Planned worker-group changes: one between segments (a change of worker count)."""
         return len(self.segments) - 1
 
     @property
@@ -286,7 +286,7 @@ class ElasticPlan:
                 "allreduce_rounds": self.allreduce_rounds,
                 "samples": self.total_samples,
                 "peak_workers": self.peak_workers,
-                "worker_group_restarts": self.worker_group_restarts,
+                "resizes": self.resizes,
             },
         }
 

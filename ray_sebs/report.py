@@ -9,13 +9,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-HISTORY_COLUMNS = (
-    "epoch", "stage", "segment", "global_batch_size", "learning_rate", "world_size",
-    "target_workers", "micro_batch_size", "accumulation_steps", "samples_per_update_min",
-    "samples_per_update_max", "epoch_updates", "updates", "samples", "train_loss",
-    "validation_loss", "validation_accuracy", "epoch_time_s", "samples_per_s", "data_wait_fraction",
-    "segment_started_at", "first_update_at", "ended_at",
-)
+from ray_sebs.history import HISTORY_COLUMNS
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

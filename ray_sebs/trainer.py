@@ -20,10 +20,7 @@ in ``Result.return_value`` and the driver raises :class:`~ray_sebs.errors.NonFin
 from __future__ import annotations
 
 import datetime
-import itertools
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +35,7 @@ from ray.train.torch import TorchTrainer
 
 from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
 from ray_sebs.errors import ConfigError, InvariantError, NonFiniteLossError
+from ray_sebs.history import change_totals, worker_seconds
 from ray_sebs.loop import (
     CHECKPOINT_FILE,
     NON_FINITE,
@@ -48,8 +46,15 @@ from ray_sebs.loop import (
 )
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
+from ray_sebs.records import read_record, refuse_other_settings, write_record
+from ray_sebs.resources import (
+    check_cluster_can_start,
+    data_cpu_reserve,
+    describe_worker_shortage,
+    size_worker_resources,
+    worker_capacity,
+)
 from ray_sebs.schedule import ScheduleConfig
-from ray_sebs.storage import read_json, write_bytes
 
 if TYPE_CHECKING:
     import ray.data
@@ -72,7 +77,7 @@ class SEBSResult:
     run_dir: str
     """``<storage_path>/<name>``: Ray Train's run directory and ray-sebs's outputs."""
     summary: dict[str, Any] = field(default_factory=dict)
-    """Final metrics, totals, wall time, worker-group restarts and their cost."""
+    """Final metrics, totals, wall time, resizes and recoveries and their cost."""
 
 
 class SEBSTrainer:
@@ -85,9 +90,9 @@ class SEBSTrainer:
         schedule: The stagewise schedule (SEBS, SSGD or constant).
         cluster: Worker bounds, micro-batch cap, GPUs and per-worker resources. When
             ``resources_per_worker`` is unset, the CPUs per worker are sized from the cluster so
-            that Ray Data always keeps a CPU for reading (see :func:`size_worker_resources`). A
-            segment whose target the cluster cannot place runs on the workers it can (one warning;
-            see :func:`worker_capacity`); a ``min_workers`` it cannot place fails before any fit.
+            that Ray Data always keeps a CPU for reading (:mod:`ray_sebs.resources`). A segment
+            whose target the cluster cannot place runs on the workers it can (one warning); a
+            ``min_workers`` it cannot place fails before any fit.
         optimizer: An optimizer name or an :class:`OptimizerConfig`.
         loss_fn: ``loss_fn(logits, labels)`` returning one loss per sample; cross-entropy by
             default. ray-sebs sums and weights it so each update is the mean over exactly B.
@@ -157,11 +162,7 @@ class SEBSTrainer:
             record = {"fingerprint": fingerprint, "segments": {}}
             save_run_record(run_dir, record)
         else:
-            differences = describe_difference(record["fingerprint"], fingerprint)
-            if differences:
-                raise ConfigError(
-                    "name", name, "names an existing run whose configuration differs: " + differences,
-                    "use the original flags to resume it, or another --name for a new run")
+            refuse_other_settings("run", name, record["fingerprint"], fingerprint)
         capacity = worker_capacity(cluster, resources, reserved_cpus=data_cpus)
         shortage = describe_worker_shortage(plan, capacity, resources, reserved_cpus=data_cpus)
         if shortage:
@@ -247,105 +248,6 @@ def validation_in_order(datasets: Mapping[str, Any]) -> DataConfig:
                       execution_options={"validation": ExecutionOptions(preserve_order=True)})
 
 
-def size_worker_resources(cluster: ClusterConfig, peak_workers: int,
-                          available: Mapping[str, float]) -> ClusterConfig:
-    """Fill in CPUs per worker so that the peak worker group leaves a CPU for Ray Data.
-
-    Workers that take every CPU starve Ray Data's read tasks and the run hangs (DESIGN.md §4), so
-    unless the user set ``resources_per_worker``, each worker gets
-    ``min(1, (cluster CPUs - 1) / peak workers)`` CPUs (at least 0.1).
-    """
-    if cluster.resources_per_worker is not None:
-        return cluster
-    cpus = float(available.get("CPU", 0))
-    per_worker = min(1.0, max(0.1, (cpus - 1) / peak_workers)) if cpus > 1 else 0.1
-    bundle = {"CPU": math.floor(per_worker * 100) / 100}
-    if cluster.use_gpu:
-        bundle["GPU"] = 1.0
-    return replace(cluster, resources_per_worker=bundle)
-
-
-def data_cpu_reserve(datasets: Mapping[str, Any]) -> float:
-    """CPUs no training worker may take so that Ray Data can still run its tasks.
-
-    A dataset that is not materialized still has read or map tasks to run, each needing a CPU;
-    workers holding every CPU starve them and the run hangs (DESIGN.md §4), so 1 CPU is kept. A
-    materialized dataset's blocks are already in the object store and need no task: 0.
-    """
-    from ray.data.dataset import MaterializedDataset
-
-    return 0.0 if all(isinstance(ds, MaterializedDataset) for ds in datasets.values()) else 1.0
-
-
-def check_cluster_can_start(cluster: ClusterConfig, plan: ElasticPlan,
-                            available: Mapping[str, float], *, reserved_cpus: float = 0.0) -> None:
-    """Fail before any worker starts when even ``min_workers`` workers cannot be placed, keeping
-    ``reserved_cpus`` free for Ray Data (:func:`data_cpu_reserve`).
-
-    Skipped when ``RAY_SEBS_AUTOSCALING=1``: an autoscaling cluster (KubeRay) starts with fewer
-    resources than it can grow to.
-    """
-    if os.environ.get("RAY_SEBS_AUTOSCALING") == "1":
-        return
-    minimum = min(cluster.min_workers, plan.segments[0].workers)
-    for resource, amount in cluster.worker_bundle().items():
-        needed = amount * minimum
-        have = float(available.get(resource, 0))
-        keep = reserved_cpus if resource == "CPU" else 0.0
-        if needed > have - keep + 1e-9:
-            kept = (f", of which {keep:g} must stay free for Ray Data to read the datasets (they are "
-                    "not materialized)") if keep and needed <= have + 1e-9 else ""
-            raise ConfigError(
-                "min_workers", cluster.min_workers,
-                f"needs {needed:g} {resource} ({minimum} workers x {amount:g}) but the cluster has "
-                f"{have:g}{kept}",
-                "lower --min-workers or --resources-per-worker, or add nodes "
-                "(set RAY_SEBS_AUTOSCALING=1 on an autoscaling cluster)")
-
-
-def worker_capacity(cluster: ClusterConfig, available: Mapping[str, float], *,
-                    reserved_cpus: float = 0.0) -> int | None:
-    """Workers of ``cluster.worker_bundle()`` the cluster can place at once, keeping
-    ``reserved_cpus`` free; ``None`` when there is no fixed limit (``RAY_SEBS_AUTOSCALING=1``, or
-    workers that reserve nothing).
-
-    Ray Train's elastic range ``(min, max)`` starts at once with the workers it can place and then
-    watches for more every ``elastic_resize_monitor_interval_s``; on a fixed cluster more never
-    come, so the driver asks for at most this many and says so once.
-    """
-    if os.environ.get("RAY_SEBS_AUTOSCALING") == "1":
-        return None
-    counts = []
-    for resource, amount in cluster.worker_bundle().items():
-        if amount > 0:
-            free = float(available.get(resource, 0)) - (reserved_cpus if resource == "CPU" else 0.0)
-            counts.append(max(0, math.floor(free / amount + 1e-9)))
-    return min(counts) if counts else None
-
-
-def describe_worker_shortage(plan: ElasticPlan, capacity: int | None, available: Mapping[str, float],
-                             *, reserved_cpus: float = 0.0) -> str | None:
-    """The one warning for a plan that wants more workers than the cluster can place, or None."""
-    if capacity is None or capacity >= plan.peak_workers:
-        return None
-    bundle = plan.cluster.worker_bundle()
-    have = ", ".join(f"{float(available.get(name, 0)):g} {name}" for name in bundle)
-    each = ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
-    kept = f", {reserved_cpus:g} CPU kept for Ray Data" if reserved_cpus else ""
-    live = max(capacity, min(plan.cluster.min_workers, plan.peak_workers))
-    stages = []
-    for stage_plan in plan.stages:
-        if stage_plan.target_workers <= live:
-            continue
-        split = plan.decomposition(stage_plan.stage.index, live)
-        stages.append(f"stage {stage_plan.stage.index} (batch {stage_plan.stage.global_batch_size}) "
-                      f"{stage_plan.decomposition.describe()} x {stage_plan.target_workers} workers -> "
-                      f"{split.describe()} x {live}")
-    return (f"the plan wants up to {plan.peak_workers} workers but the cluster can place {capacity} "
-            f"({have}; {each} per worker{kept}); training with {live}: " + "; ".join(stages)
-            + " (micro-batch x accumulation; every update still uses exactly the global batch)")
-
-
 def default_run_name(plan: ElasticPlan) -> str:
     config = plan.schedule.config
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -388,41 +290,12 @@ def model_shapes(model_factory: Callable[[], torch.nn.Module]) -> dict[str, list
         return None
 
 
-def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """What differs between a recorded fingerprint and a new one ("" when they match). Parts that
-    the recorded one lacks (an older ray-sebs, or a model it could not fingerprint) are not
-    compared."""
-    changes = []
-    for key in ("schedule", "dataset_size", "model", "optimizer"):
-        if key not in old or key not in new or old[key] == new[key]:
-            continue
-        if key == "model":
-            changes.append(_describe_model_difference(old[key], new[key]))
-        elif isinstance(old[key], dict):
-            prefix = "" if key == "schedule" else f"{key} "
-            changes += [f"{prefix}{name} {old[key].get(name)!r} -> {value!r}"
-                        for name, value in new[key].items() if old[key].get(name) != value]
-        else:
-            changes.append(f"{key} {old[key]!r} -> {new[key]!r}")
-    return ", ".join(changes)
-
-
-def _describe_model_difference(old: Mapping[str, list[int]], new: Mapping[str, list[int]]) -> str:
-    def size(shapes: Mapping[str, list[int]]) -> str:
-        return f"{len(shapes)} tensors, {sum(math.prod(shape) for shape in shapes.values()):,} values"
-
-    first = next(name for name in sorted({*old, *new}) if old.get(name) != new.get(name))
-    return (f"model architecture ({size(old)} -> {size(new)}; {first} "
-            f"{old.get(first, 'absent')} -> {new.get(first, 'absent')})")
-
-
 def load_run_record(run_dir: str) -> dict[str, Any] | None:
-    return read_json(f"{run_dir}/{RUN_RECORD}")
+    return read_record(f"{run_dir}/{RUN_RECORD}")
 
 
 def save_run_record(run_dir: str, record: Mapping[str, Any]) -> None:
-    """Write the run record atomically where the filesystem allows (write, then move)."""
-    write_bytes(f"{run_dir}/{RUN_RECORD}", json.dumps(record, indent=2).encode())
+    write_record(f"{run_dir}/{RUN_RECORD}", record)
 
 
 def finished_epochs(plan: ElasticPlan, record: Mapping[str, Any]) -> int:
@@ -462,15 +335,8 @@ def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, Any]]:
 
 
 def summarize(plan: ElasticPlan, history: list[dict[str, Any]], wall_time_s: float) -> dict[str, Any]:
-    """Totals of a finished run, including what its worker-group restarts cost.
-
-    A restart's cost is the time from the last epoch of a segment ending to the first update of
-    the next segment (worker group teardown and start, process group, dataset split, restore).
-    """
-    restart_costs = []
-    for previous, current in itertools.pairwise(history):
-        if current["segment"] != previous["segment"] and current["first_update_at"]:
-            restart_costs.append(current["first_update_at"] - previous["ended_at"])
+    """Totals of a finished run, with what its resizes and recoveries cost (:mod:`ray_sebs.history`)."""
+    changes = change_totals(history)
     last = history[-1] if history else {}
     return {
         "epochs": len(history),
@@ -481,10 +347,14 @@ def summarize(plan: ElasticPlan, history: list[dict[str, Any]], wall_time_s: flo
         "final_validation_loss": last.get("validation_loss"),
         "final_validation_accuracy": last.get("validation_accuracy"),
         "wall_time_s": wall_time_s,
-        "worker_group_restarts": len(restart_costs),
-        "restart_time_s": sum(restart_costs),
-        "restart_times_s": restart_costs,
-        "worker_seconds": sum(r["world_size"] * r["epoch_time_s"] for r in history),
+        "resizes": changes.resizes,
+        "planned_resizes": plan.resizes,
+        "resize_time_s": changes.resize_time_s,
+        "resize_times_s": list(changes.resize_times_s),
+        "recoveries": changes.recoveries,
+        "recovery_time_s": changes.recovery_time_s,
+        "recovery_times_s": list(changes.recovery_times_s),
+        "worker_seconds": worker_seconds(history),
         "peak_workers": max((r["world_size"] for r in history), default=0),
         "plan": asdict(plan.cluster) | {"peak_workers": plan.peak_workers},
     }

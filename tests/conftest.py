@@ -2,7 +2,7 @@
 
 The machine has 2 cores, so Ray starts with an explicit ``num_cpus=2`` and tests size workers
 with fractional CPUs. Token authentication is switched off explicitly: a head started while
-``~/.ray/auth_token`` exists would otherwise come up with token auth on (DESIGN.md §4); the job
+``~/.ray/auth_token`` exists would otherwise come up with token auth on (Ray 2.60's token mode); the job
 submission tests turn it on deliberately for their own head.
 """
 

@@ -87,7 +87,7 @@ def test_default_plan_prints_table_totals_and_ssgd_comparison(capsys):
     assert f"updates: {sum(updates):,}  (all-reduce rounds: {sum(updates):,})" in out
     assert f"samples: {sum(u * b for u, b in zip(updates, batches, strict=True)):,}" in out
     assert f"{rows_n:,} training rows, 20 epochs" in out
-    assert "peak workers: 2  segments: 2  worker-group restarts: 1" in out
+    assert "peak workers: 2  segments: 2  resizes: 1" in out
     saved = ssgd - sum(updates)
     vs = next(line for line in out.splitlines() if line.startswith("vs ssgd"))
     assert f"{ssgd:,} updates" in vs

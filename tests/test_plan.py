@@ -86,7 +86,7 @@ def check_decomposition(batch: int, workers: int, micro: int, dataset_size: int,
     # ... and it is the largest count with that property (one more update would not fit).
     assert (updates + 1) * max(samples) > shard or updates + 1 > dataset_size // batch
     if batch % workers == 0:
-        # DESIGN §2: floor(floor(N / W) / (B / W)) == floor(N / B).
+        # Equal splits keep the single-worker count: floor(floor(N / W) / (B / W)) == floor(N / B).
         assert updates == dataset_size // batch
     # The loss scale turns DDP's average of W summed losses into the mean over B samples.
     # Per-sample "gradients" 1..B, summed per rank, scaled, then averaged over ranks as DDP does.
@@ -239,7 +239,7 @@ def test_targets_segments_and_totals(case):
     targets = [p.target_workers for p in plan.stages]
     runs = 1 + sum(1 for a, b in pairwise(targets) if a != b)
     assert len(plan.segments) == runs
-    assert plan.worker_group_restarts == runs - 1
+    assert plan.resizes == runs - 1
     for epoch in range(schedule.total_epochs):
         segment = plan.segment_of_epoch(epoch)
         assert segment.first_epoch <= epoch < segment.end_epoch
@@ -258,7 +258,7 @@ def test_targets_segments_and_totals(case):
     assert document["totals"] == {
         "epochs": schedule.total_epochs, "updates": plan.total_updates,
         "allreduce_rounds": plan.total_updates, "samples": plan.total_samples,
-        "peak_workers": max(targets), "worker_group_restarts": runs - 1,
+        "peak_workers": max(targets), "resizes": runs - 1,
     }
     assert [s["updates"] for s in document["stages"]] == [p.updates for p in plan.stages]
     assert sum(s["updates"] for s in document["stages"]) == document["totals"]["updates"]
@@ -294,7 +294,7 @@ def test_worked_example_plan():
     assert plan.total_updates == plan.allreduce_rounds == 1450
     assert [[p.stage.index for p in s.stages] for s in plan.segments] == [[1, 2], [3, 4]]
     assert [(s.first_epoch, s.end_epoch) for s in plan.segments] == [(0, 20), (20, 40)]
-    assert plan.worker_group_restarts == 1 and plan.peak_workers == 2
+    assert plan.resizes == 1 and plan.peak_workers == 2
     ssgd = build_plan(config.baseline(), 1257, plan.cluster)
     assert ssgd.total_updates == 3120 and len(ssgd.segments) == 1
 

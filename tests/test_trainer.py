@@ -123,8 +123,8 @@ def test_growing_run_changes_world_size_at_the_stage_boundary(tmp_path):
         assert 0.0 <= record["data_wait_fraction"] <= 1.0
     assert history[-1]["updates"] == plan.total_updates == 96 // 8 + 96 // 16
     assert history[-1]["samples"] == plan.total_samples
-    assert result.summary["worker_group_restarts"] == 1
-    assert result.summary["restart_time_s"] > 0
+    assert (result.summary["resizes"], result.summary["recoveries"]) == (1, 0)
+    assert result.summary["resize_time_s"] > 0
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_with_counters_intact(tmp_path):
@@ -151,5 +151,5 @@ def test_baseline_schedules_run_end_to_end(tmp_path, kind):
     assert [record["global_batch_size"] for record in result.history] == [8, 8]
     expected_lr = [0.2, 0.1] if kind == "ssgd" else [0.2, 0.2]
     assert [record["learning_rate"] for record in result.history] == pytest.approx(expected_lr)
-    assert result.summary["worker_group_restarts"] == 0
+    assert (result.summary["resizes"], result.summary["recoveries"]) == (0, 0)
     assert result.history[-1]["updates"] == 2 * (64 // 8)

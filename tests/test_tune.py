@@ -1,4 +1,4 @@
-"""Growth-ratio sweeps with Ray Tune (``ray_sebs.tune``, ``ray-sebs tune``).
+"""Growth-ratio sweeps with Ray Tune (``ray_sebs.sweep``, ``ray_sebs.comparison``, ``ray-sebs tune``).
 
 The comparison maths are pure functions over history lists, tested here against hand-computed
 numbers without Ray. One test runs the real thing: ``ray-sebs tune`` in a subprocess on a local
@@ -23,23 +23,12 @@ from typing import Any
 import pytest
 
 from ray_sebs.cli import main
+from ray_sebs.comparison import Comparison, compare, mean_std, trial_metrics
+from ray_sebs.comparison_report import comparison_csv, comparison_markdown, write_comparison
+from ray_sebs.history import change_totals, epoch_clock, first_reaching
 from ray_sebs.plan import ClusterConfig
-from ray_sebs.tune import (
-    Comparison,
-    Configuration,
-    SweepSpace,
-    TrialSpec,
-    choose_concurrency,
-    compare,
-    comparison_csv,
-    comparison_markdown,
-    epoch_clock,
-    first_reaching,
-    mean_std,
-    trial_metrics,
-    worker_group_restarts,
-    write_comparison,
-)
+from ray_sebs.resources import choose_concurrency
+from ray_sebs.sweep_space import Configuration, SweepSpace, TrialSpec
 
 # ---------------------------------------------------------------------------------------------
 # Hand-made histories
@@ -53,24 +42,27 @@ def make_history(accuracies: list[float], updates: list[int], world_sizes: list[
     records = []
     ended = 1000.0
     started = 990.0
+    segment = 0
     for epoch, (accuracy, total, world) in enumerate(zip(accuracies, updates, world_sizes, strict=True)):
         if epoch:
-            restarted = world != world_sizes[epoch - 1]
+            restarted = world != world_sizes[epoch - 1]  # a growing stage: a new segment
             ended += restart_gap if restarted else checkpoint_gap
             if restarted:
                 started = ended - 1.0
+                segment += 1
         ended += epoch_time
-        records.append({"epoch": epoch, "stage": epoch + 1, "segment": 0, "world_size": world,
+        records.append({"epoch": epoch, "stage": epoch + 1, "segment": segment, "world_size": world,
                         "updates": total, "samples": total * batch, "validation_accuracy": accuracy,
                         "epoch_time_s": epoch_time, "ended_at": ended, "segment_started_at": started})
     return records
 
 
-def test_clock_restarts_and_worker_seconds_by_hand():
+def test_clock_resizes_and_worker_seconds_by_hand():
     history = make_history([0.5, 0.7, 0.8], [10, 15, 18], [1, 2, 2])
     # epoch 0 ends 2 s after the start; epoch 1 after a 5 s restart and 2 s; epoch 2 after 0.5 + 2.
     assert epoch_clock(history) == [2.0, 9.0, 11.5]
-    assert worker_group_restarts(history) == 1
+    changes = change_totals(history)
+    assert (changes.resizes, changes.recoveries) == (1, 0)
     metrics = trial_metrics(history, target=0.7)
     assert metrics.worker_seconds == 1 * 2 + 2 * 2 + 2 * 2
     assert (metrics.updates, metrics.samples, metrics.final_accuracy) == (18, 180, 0.8)
@@ -129,12 +121,12 @@ def test_default_target_reach_and_marks_by_hand():
     assert ssgd.updates_to_target == 30 and ssgd.time_to_target_s == pytest.approx(7.0)
     assert ssgd.seeds_reaching_target == 2
     assert ssgd.wall_time_s == pytest.approx((7.0, 0.0))
-    assert ssgd.restarts == 0
+    assert (ssgd.resizes, ssgd.recoveries) == (0, 0)
 
     sebs = rows[SEBS2]
     assert sebs.seeds == (0, 1) and sebs.unfinished == (2,)  # the 2-epoch trial is left out
     assert sebs.accuracy == pytest.approx((0.94, 0.0))
-    assert (sebs.updates, sebs.samples, sebs.restarts) == (18, 180, 1)
+    assert (sebs.updates, sebs.samples, sebs.resizes, sebs.recoveries) == (18, 180, 1, 0)
     # Mean curve 0.7, 0.935, 0.94: the target at epoch 1, 15 updates, 2 + 5 + 2 = 9 s.
     assert sebs.updates_to_target == 15 and sebs.time_to_target_s == pytest.approx(9.0)
     assert sebs.worker_seconds == pytest.approx((10.0, 0.0))
@@ -175,7 +167,7 @@ def test_table_files_have_one_row_per_configuration(tmp_path):
     assert len(table) == 1 + 3
     assert [cell.strip() for cell in table[3].strip("|").split("|")] == [
         "sebs ρ=2", "2 (+1 unfinished)", "0.9400 ± 0.0000", "18", "180", "11.5 ± 0.0", "10.0", "1",
-        "**15** (fewest)", "9.0"]
+        "0", "**15** (fewest)", "9.0"]
     assert "**7.0** (least)" in markdown
     assert "not reached (0/2 seeds did)" in markdown
     finished = {c: [h for s, h in trials if s.configuration == c and len(h) == 3]
@@ -368,8 +360,9 @@ def test_comparison_matches_the_trials_histories(resumed_sweep):
         else:
             assert row["updates_to_target_mean"] == "" and row["seeds_reaching_target"] == "0"
     # 205 training rows: SSGD 2 x floor(205/16) updates on 1 worker; SEBS 12 + floor(205/32), 1 -> 2.
-    assert float(rows["ssgd ρ=2"]["updates"]) == 24 and rows["ssgd ρ=2"]["restarts_mean"] == "0.0"
-    assert float(rows["sebs ρ=2"]["updates"]) == 18 and rows["sebs ρ=2"]["restarts_mean"] == "1.0"
+    assert float(rows["ssgd ρ=2"]["updates"]) == 24 and rows["ssgd ρ=2"]["resizes_mean"] == "0.0"
+    assert float(rows["sebs ρ=2"]["updates"]) == 18 and rows["sebs ρ=2"]["resizes_mean"] == "1.0"
+    assert rows["sebs ρ=2"]["recoveries_mean"] == "0.0"
     assert [r["world_size"] for r in histories["sebs ρ=2"]] == [1, 2]
     # The best baseline reaches its own target by definition, so at least one row has every mark.
     assert any(row["fewest_updates_to_target"] == "True" for row in rows.values())
@@ -379,7 +372,7 @@ def test_comparison_matches_the_trials_histories(resumed_sweep):
     assert len(table) == 1 + 3
     for line in table:
         cells = [cell.strip() for cell in line.strip("|").split("|")]
-        assert len(cells) == 10 and all(cells), line
+        assert len(cells) == 11 and all(cells), line
 
     png = (experiment / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -410,7 +403,7 @@ def test_comparison_of_nothing_is_empty():
 def test_a_recorded_sweep_with_other_settings_is_refused_before_ray_starts(tmp_path, capsys):
     from ray_sebs.data import DatasetConfig
     from ray_sebs.schedule import ScheduleConfig
-    from ray_sebs.tune import SWEEP_RECORD, sweep_fingerprint
+    from ray_sebs.sweep import SWEEP_RECORD, sweep_fingerprint
 
     space = SweepSpace(ratios=(1.0, 2.0), seeds=(0,))
     base = ScheduleConfig(kind="sebs", growth_ratio=1.0, epochs_per_stage=5)

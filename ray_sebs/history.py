@@ -1,0 +1,195 @@
+"""A run's history, one record per epoch, and everything derived from it.
+
+The training loop writes one :class:`EpochRecord` per finished epoch into the checkpoint; the
+driver, the Tune comparison, the reports and the benchmarks only read them through the functions
+here, so "wall time", "worker-seconds" and "a worker-group change" mean one thing everywhere.
+
+Two kinds of worker-group change, named as Ray Train's controller names its states (``RESIZING``
+and ``RESTARTING``):
+
+* a **resize** is planned: the first epoch of a new segment (a stage boundary where the worker
+  target changes) runs on a new worker group;
+* a **recovery** is not: a new worker group within a segment, after a worker or node failure, an
+  elastic shrink, or a driver restart.
+
+Each costs the seconds from the end of the previous group's last epoch to the new group's first
+update. A failure in the first epoch of a new segment, before it finished an epoch, shows as part
+of that segment's resize (no record tells the attempts apart).
+
+Pure Python: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+
+class EpochRecord(TypedDict):
+    """What one epoch did, as the loop reports it (all ranks' counts summed)."""
+
+    epoch: int
+    """0-based epoch of the run."""
+    stage: int
+    """1-based stage of the schedule."""
+    segment: int
+    """0-based segment of the plan (consecutive stages with one worker target)."""
+    global_batch_size: int
+    """B_s: samples in every update of the stage, over all workers."""
+    learning_rate: float
+    world_size: int
+    """Workers that trained the epoch."""
+    target_workers: int
+    """Workers the plan wanted for the segment."""
+    micro_batch_size: int
+    accumulation_steps: int
+    samples_per_update_min: int
+    """Fewest samples any update of the epoch used, counted over all ranks: equals B_s."""
+    samples_per_update_max: int
+    """Most samples any update used: equals B_s too (the invariant's evidence)."""
+    epoch_updates: int
+    updates: int
+    """Updates of the run so far, this epoch included."""
+    samples: int
+    """Samples of the run so far."""
+    train_loss: float
+    """Mean training loss over the epoch's samples."""
+    validation_loss: float
+    """NaN without a validation dataset."""
+    validation_accuracy: float
+    """NaN without a validation dataset."""
+    epoch_time_s: float
+    """Seconds from the epoch's first batch request to the end of its evaluation."""
+    samples_per_s: float
+    data_wait_fraction: float
+    """Share of the epoch spent waiting for the next batch."""
+    segment_started_at: float
+    """Unix time the epoch's worker group started the loop: a new value means a new group."""
+    first_update_at: float | None
+    """Unix time of the group's first update."""
+    ended_at: float
+    """Unix time the epoch ended."""
+
+
+HISTORY_COLUMNS: tuple[str, ...] = tuple(EpochRecord.__annotations__)
+"""The record's fields in order: the columns of ``history.csv``."""
+
+History = Sequence[Mapping[str, Any]]
+"""One run's records, one per epoch, in order."""
+
+RESIZE = "resize"
+RECOVERY = "recovery"
+
+
+@dataclass(frozen=True)
+class WorkerGroupChange:
+    """A new worker group between two epochs."""
+
+    kind: str
+    """:data:`RESIZE` (planned, a new segment) or :data:`RECOVERY` (within a segment)."""
+    epoch: int
+    """The new group's first epoch."""
+    workers_before: int
+    workers_after: int
+    previous_ended_at: float
+    """Unix time the old group's last epoch ended."""
+    first_update_at: float
+    """Unix time of the new group's first update."""
+
+    @property
+    def cost_s(self) -> float:
+        """Seconds without training: teardown, start-up, process group, data split, restore."""
+        return self.first_update_at - self.previous_ended_at
+
+
+def worker_group_changes(history: History) -> list[WorkerGroupChange]:
+    """Every worker group after the first, in order, as a resize or a recovery."""
+    changes = []
+    for previous, current in itertools.pairwise(history):
+        if current["segment_started_at"] == previous["segment_started_at"]:
+            continue
+        first_update = current.get("first_update_at") or current["segment_started_at"]
+        changes.append(WorkerGroupChange(
+            kind=RESIZE if current["segment"] != previous["segment"] else RECOVERY,
+            epoch=int(current["epoch"]), workers_before=int(previous["world_size"]),
+            workers_after=int(current["world_size"]), previous_ended_at=previous["ended_at"],
+            first_update_at=first_update))
+    return changes
+
+
+@dataclass(frozen=True)
+class ChangeTotals:
+    """Resizes and recoveries of a history: how many, and what they cost."""
+
+    resize_times_s: tuple[float, ...]
+    recovery_times_s: tuple[float, ...]
+
+    @property
+    def resizes(self) -> int:
+        return len(self.resize_times_s)
+
+    @property
+    def recoveries(self) -> int:
+        return len(self.recovery_times_s)
+
+    @property
+    def resize_time_s(self) -> float:
+        return sum(self.resize_times_s)
+
+    @property
+    def recovery_time_s(self) -> float:
+        return sum(self.recovery_times_s)
+
+    def describe(self) -> str:
+        """``1 resize (12.3 s), 0 recoveries``: the words every summary uses."""
+        return (f"{_count(self.resizes, 'resize')} ({self.resize_time_s:.1f} s), "
+                f"{_count(self.recoveries, 'recovery', 'recoveries')}"
+                + (f" ({self.recovery_time_s:.1f} s)" if self.recoveries else ""))
+
+
+def change_totals(history: History) -> ChangeTotals:
+    changes = worker_group_changes(history)
+    return ChangeTotals(
+        resize_times_s=tuple(c.cost_s for c in changes if c.kind == RESIZE),
+        recovery_times_s=tuple(c.cost_s for c in changes if c.kind == RECOVERY))
+
+
+def epoch_clock(history: History) -> list[float]:
+    """Wall seconds from the start of the first epoch to the end of each epoch.
+
+    Includes everything between epochs (checkpoints, resizes, recoveries), which is the cost SEBS
+    pays for changing the worker count; excludes the first worker group's start-up and data
+    loading, the same for every configuration. A run resumed after its driver stopped also counts
+    the time it was stopped.
+    """
+    if not history:
+        return []
+    start = history[0]["ended_at"] - history[0]["epoch_time_s"]
+    return [record["ended_at"] - start for record in history]
+
+
+def wall_time_s(history: History) -> float:
+    """Wall seconds from the first epoch's start to the last epoch's end (see :func:`epoch_clock`)."""
+    clock = epoch_clock(history)
+    return clock[-1] if clock else 0.0
+
+
+def worker_seconds(history: History) -> float:
+    """Σ over epochs of live workers x epoch seconds: what the epochs occupied."""
+    return sum(record["world_size"] * record["epoch_time_s"] for record in history)
+
+
+def first_reaching(history: History, target: float) -> int | None:
+    """Index of the first epoch whose validation accuracy is at least ``target``."""
+    for index, record in enumerate(history):
+        accuracy = record["validation_accuracy"]
+        if accuracy is not None and not math.isnan(accuracy) and accuracy >= target:
+            return index
+    return None
+
+
+def _count(number: int, noun: str, plural: str | None = None) -> str:
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
