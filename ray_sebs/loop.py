@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ray_sebs.errors import CheckpointError, InvariantError
+from ray_sebs.history import EpochRecord
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ElasticPlan
 from ray_sebs.report import format_epoch
@@ -76,7 +77,7 @@ class TrainState:
     next_epoch: int = 0
     updates: int = 0
     samples: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -223,31 +224,31 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             evaluate(module, validation, config.loss_fn, device, rank, world_size)
             if validation is not None else (math.nan, math.nan))
         epoch_time = time.perf_counter() - epoch_started
-        record = {
-            "epoch": epoch,
-            "stage": stage.index,
-            "segment": segment.index,
-            "global_batch_size": stage.global_batch_size,
-            "learning_rate": stage.learning_rate,
-            "world_size": world_size,
-            "target_workers": segment.workers,
-            "micro_batch_size": split.micro_batch_size,
-            "accumulation_steps": split.accumulation_steps,
-            "samples_per_update_min": int(totals[2].item()),
-            "samples_per_update_max": int(totals[3].item()),
-            "epoch_updates": epoch_updates,
-            "updates": state.updates,
-            "samples": state.samples,
-            "train_loss": float(totals[0].item()) / max(epoch_samples, 1),
-            "validation_loss": validation_loss,
-            "validation_accuracy": validation_accuracy,
-            "epoch_time_s": epoch_time,
-            "samples_per_s": epoch_samples / train_time if train_time > 0 else math.nan,
-            "data_wait_fraction": data_wait / epoch_time if epoch_time > 0 else 0.0,
-            "segment_started_at": started_at,
-            "first_update_at": first_update_at,
-            "ended_at": time.time(),
-        }
+        record = EpochRecord(
+            epoch=epoch,
+            stage=stage.index,
+            segment=segment.index,
+            global_batch_size=stage.global_batch_size,
+            learning_rate=stage.learning_rate,
+            world_size=world_size,
+            target_workers=segment.workers,
+            micro_batch_size=split.micro_batch_size,
+            accumulation_steps=split.accumulation_steps,
+            samples_per_update_min=int(totals[2].item()),
+            samples_per_update_max=int(totals[3].item()),
+            epoch_updates=epoch_updates,
+            updates=state.updates,
+            samples=state.samples,
+            train_loss=float(totals[0].item()) / max(epoch_samples, 1),
+            validation_loss=validation_loss,
+            validation_accuracy=validation_accuracy,
+            epoch_time_s=epoch_time,
+            samples_per_s=epoch_samples / train_time if train_time > 0 else math.nan,
+            data_wait_fraction=data_wait / epoch_time if epoch_time > 0 else 0.0,
+            segment_started_at=started_at,
+            first_update_at=first_update_at,
+            ended_at=time.time(),
+        )
         state.history.append(record)
         state.next_epoch = epoch + 1
         report_epoch(record, state, module, optimizer, rank)
@@ -346,7 +347,7 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Lo
     optimizer.zero_grad(set_to_none=True)
 
 
-def report_epoch(record: dict[str, Any], state: TrainState, module: nn.Module,
+def report_epoch(record: EpochRecord, state: TrainState, module: nn.Module,
                  optimizer: torch.optim.Optimizer, rank: int) -> None:
     """Report the epoch on every rank (a barrier); only rank 0 writes the checkpoint."""
     if rank != 0:

@@ -35,20 +35,21 @@ from toy_problem import make_rows, small_model, to_dataset
 
 from ray_sebs import ClusterConfig, ScheduleConfig
 from ray_sebs.cli import main
+from ray_sebs.comparison import trial_metrics
 from ray_sebs.errors import ConfigError, NonFiniteLossError
+from ray_sebs.history import RECOVERY, RESIZE, worker_group_changes
 from ray_sebs.loop import CHECKPOINT_FILE, load_model_state
 from ray_sebs.models import build_model
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import build_plan
+from ray_sebs.records import describe_difference
+from ray_sebs.resources import check_cluster_can_start, size_worker_resources
 from ray_sebs.trainer import (
     RUN_RECORD,
     SEBSTrainer,
-    check_cluster_can_start,
-    describe_difference,
     finished_epochs,
     load_checkpoint_state,
     schedule_fingerprint,
-    size_worker_resources,
 )
 
 # Workers do not have tests/ on their path: ship this module's classes by value.
@@ -177,6 +178,16 @@ def test_killed_workers_mid_stage_and_at_the_segment_change_match_an_uninterrupt
             == got["global_batch_size"]
     assert history[-1]["updates"] == faulted.plan.total_updates
     assert history[-1]["samples"] == faulted.plan.total_samples
+    # One definition of a worker-group change everywhere: the kill mid-stage is a recovery (a new
+    # group within segment 0); the group that died at the segment change is part of the planned
+    # resize into segment 1. The summary, the plan and the sweep's comparison agree.
+    summary = faulted.summary
+    assert (summary["resizes"], summary["recoveries"]) == (1, 1) == (faulted.plan.resizes, 1)
+    assert summary["recovery_time_s"] > 0 and summary["resize_time_s"] > 0
+    metrics = trial_metrics(history, target=0.0)
+    assert (metrics.resizes, metrics.recoveries) == (summary["resizes"], summary["recoveries"])
+    assert [change.kind for change in worker_group_changes(history)] == [RECOVERY, RESIZE]
+    assert (reference.summary["resizes"], reference.summary["recoveries"]) == (1, 0)
 
     # The loop seeds every epoch from (seed, epoch, rank), the local shuffle too, and a restart
     # rebuilds the same split of the same materialized blocks, so a resumed run repeats the
@@ -370,7 +381,7 @@ def test_a_recorded_fingerprint_without_model_or_optimizer_still_resumes():
     old = {"schedule": new["schedule"], "dataset_size": 64}
     assert describe_difference(old, new) == ""
     assert describe_difference(new, {**new, "optimizer": {**new["optimizer"], "name": "sgd"}}) \
-        == "optimizer name 'momentum' -> 'sgd'"
+        == "optimizer.name 'momentum' -> 'sgd'"
 
 
 def test_a_checkpoint_of_another_model_fails_to_load_with_the_fix():
