@@ -8,7 +8,9 @@ that names the flag, the value and the fix, and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -38,8 +40,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None) -> str:
-    """The plan as a table, its totals, and the comparison with the SSGD baseline."""
+def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None, *, compact: bool = False) -> str:
+    """The plan as a table, its totals, and the comparison with the SSGD baseline; ``compact``:
+    the table and two lines of totals (the head of ``ray-sebs train``'s console)."""
     header = ("stage", "epochs", "batch", "lr", "workers", "micro x accum", "updates", "samples")
     rows = [
         (str(p.stage.index), str(p.stage.epochs), str(p.stage.global_batch_size),
@@ -49,6 +52,13 @@ def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None) -> str:
     ]
     lines = format_table(header, rows).splitlines()
     config = plan.schedule.config
+    if compact:
+        return "\n".join([
+            *lines,
+            f"{config.kind}, rho={config.growth_ratio:g}, {plan.schedule.dataset_size:,} training rows, "
+            f"{plan.schedule.total_epochs} epochs: {plan.total_updates:,} updates "
+            f"({plan.allreduce_rounds:,} all-reduce rounds), {plan.total_samples:,} samples",
+            f"peak workers {plan.peak_workers}, segments {len(plan.segments)}, resizes {plan.resizes}"])
     lines += [
         "",
         f"{config.kind}, rho={config.growth_ratio:g}, {plan.schedule.dataset_size:,} training rows, "
@@ -124,7 +134,7 @@ def command_train(args: argparse.Namespace) -> int:
     from ray_sebs.models import build_model
     from ray_sebs.optim import OptimizerConfig
     from ray_sebs.report import stage_table, write_history
-    from ray_sebs.trainer import SEBSTrainer
+    from ray_sebs.trainer import SEBSTrainer, default_run_name
 
     schedule_config = schedule_config_from_args(args)
     cluster = cluster_config_from_args(args)
@@ -141,7 +151,8 @@ def command_train(args: argparse.Namespace) -> int:
         datasets=datasets, schedule=schedule_config, cluster=cluster, optimizer=optimizer,
         run_config=RunConfig(name=args.name, storage_path=args.storage_path,
                              failure_config=FailureConfig(max_failures=args.max_failures)),
-        seed=args.seed)
+        seed=args.seed, checkpoint_every_epochs=args.checkpoint_every,
+        checkpoint_every_s=args.checkpoint_every_s, console=True)
     try:
         plan = trainer.plan()
     except ConfigError as error:  # --dataset-size is plan's flag; here the rows come from the data
@@ -150,21 +161,21 @@ def command_train(args: argparse.Namespace) -> int:
         field, value = ("data_path", args.data) if args.data else ("dataset_name", args.dataset)
         raise ConfigError(field, value, f"has {error.value} training rows, "
                           f"{error.problem.removeprefix('is ')}", error.fix) from None
-    print(format_plan(plan), flush=True)
+    if args.name is None:  # Ray's RunConfig names an unnamed run itself; ours says what it is
+        trainer.run_config = dataclasses.replace(trainer.run_config, name=default_run_name(plan))
+    print(format_plan(plan, compact=True), flush=True)
     print(flush=True)
     result = trainer.fit()
     paths = write_history(result.history, result.run_dir)
     summary = result.summary
     print()
     print(stage_table(result.history))
-    print()
     print(f"updates {summary['updates']:,} (planned {summary['planned_updates']:,}), samples "
           f"{summary['samples']:,}, final validation accuracy {summary['final_validation_accuracy']:.4f}")
     print(f"wall time {summary['wall_time_s']:.1f}s, {change_totals(result.history).describe()}, "
           f"worker-seconds {summary['worker_seconds']:.1f}")
-    print(f"run directory: {result.run_dir}")
-    for kind, path in paths.items():
-        print(f"  {kind}: {path}")
+    print(f"run directory: {result.run_dir} ("
+          + ", ".join(os.path.relpath(path, result.run_dir) for path in paths.values()) + ")")
     return 0
 
 
@@ -216,6 +227,8 @@ def command_tune(args: argparse.Namespace) -> int:
                        storage_path=args.storage_path, target_accuracy=args.target_accuracy,
                        max_concurrent_trials=args.max_concurrent_trials,
                        data_cpus_per_trial=args.data_cpus_per_trial, max_failures=args.max_failures,
+                       checkpoint_every_epochs=args.checkpoint_every,
+                       checkpoint_every_s=args.checkpoint_every_s,
                        asha=args.asha, asha_grace_epochs=args.asha_grace_epochs)
     print()
     print(comparison_markdown(result.comparison))

@@ -43,17 +43,18 @@ class NonFiniteLossError(SEBSError, RuntimeError):
     """
 
     def __init__(self, stage: int, update: int, global_batch_size: int, epoch: int,
-                 checkpoint: str | None = None) -> None:
+                 checkpoint: str | None = None, checkpoint_epoch: int | None = None) -> None:
         self.stage = stage
         self.update = update
         self.global_batch_size = global_batch_size
         self.epoch = epoch
         self.checkpoint = checkpoint
+        self.checkpoint_epoch = epoch - 1 if checkpoint_epoch is None else checkpoint_epoch
         if checkpoint is not None:
-            end = f" (end of epoch {epoch - 1})" if epoch > 0 else ""
+            end = f" (end of epoch {self.checkpoint_epoch})" if self.checkpoint_epoch >= 0 else ""
             last_good = f"the last good checkpoint{end} is {checkpoint}"
-        elif epoch > 0:
-            last_good = f"the last good checkpoint is the end of epoch {epoch - 1}"
+        elif self.checkpoint_epoch >= 0:
+            last_good = f"the last good checkpoint is the end of epoch {self.checkpoint_epoch}"
         else:
             last_good = "no checkpoint was written before it"
         super().__init__(
@@ -63,7 +64,7 @@ class NonFiniteLossError(SEBSError, RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.stage, self.update, self.global_batch_size, self.epoch,
-                             self.checkpoint))
+                             self.checkpoint, self.checkpoint_epoch))
 
 
 class InvariantError(SEBSError, RuntimeError):

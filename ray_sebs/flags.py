@@ -21,6 +21,7 @@ from ray_sebs.data import DATASET_NAMES, DEFAULT_VALIDATION_FRACTION, DatasetCon
 from ray_sebs.errors import format_number
 from ray_sebs.optim import OPTIMIZERS
 from ray_sebs.plan import ClusterConfig
+from ray_sebs.resources import DEFAULT_CHECKPOINT_EVERY_S
 from ray_sebs.schedule import SCHEDULE_KINDS, ScheduleConfig
 
 DEFAULTS = ScheduleConfig(epochs_per_stage=5)
@@ -234,6 +235,16 @@ RUN_FLAGS: tuple[Flag, ...] = (
     Flag("--name", "run", field="name",
          help="run name; the same name resumes an interrupted run (default: derived from the "
               "config and time)"),
+    Flag("--checkpoint-every", "run", field="checkpoint_every_epochs", parse=int,
+         help="checkpoint after this many epochs (default: by time, --checkpoint-every-s); a "
+              "failure retrains at most the epochs since the last checkpoint"),
+    Flag("--checkpoint-every-s", "run", field="checkpoint_every_s", parse=float,
+         default=DEFAULT_CHECKPOINT_EVERY_S,
+         help="checkpoint at the first epoch end this many seconds after the last one; every "
+              "segment end is checkpointed too (default: %(default)s)"),
+    Flag("--verbose", "run", switch=True,
+         help="also print Ray's own output: Ray Data plans and progress, Train controller and "
+              "checkpoint messages (default: in Ray's log files only)"),
 )
 
 SWEEP_FLAGS: tuple[Flag, ...] = (

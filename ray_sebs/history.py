@@ -167,8 +167,13 @@ def epoch_clock(history: History) -> list[float]:
     """
     if not history:
         return []
-    start = history[0]["ended_at"] - history[0]["epoch_time_s"]
+    start = clock_origin(history)
     return [record["ended_at"] - start for record in history]
+
+
+def clock_origin(history: History) -> float:
+    """Unix time of the first epoch's start: zero on the clock of :func:`epoch_clock`."""
+    return history[0]["ended_at"] - history[0]["epoch_time_s"]
 
 
 def wall_time_s(history: History) -> float:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ray_sebs.console import ProgressSender
 from ray_sebs.errors import CheckpointError, InvariantError
 from ray_sebs.history import EpochRecord
 from ray_sebs.optim import OptimizerConfig
@@ -94,6 +95,14 @@ class SegmentConfig:
     workers: int | None = None
     """Workers the driver asked for: the segment's target, or fewer when the cluster cannot place
     it (the driver has warned about that). ``None``: the target."""
+    checkpoint_every_epochs: int | None = 1
+    """Checkpoint after this many epochs since the last checkpoint; ``None``: not by count."""
+    checkpoint_every_s: float | None = None
+    """Checkpoint at the first epoch end this many seconds after the last checkpoint (rank 0's
+    clock decides for every rank); ``None``: not by time. The segment's last epoch is always
+    checkpointed: the next segment starts from it."""
+    progress_queue: Any = None
+    """The driver's console queue (:class:`~ray_sebs.console.RunConsole`); ``None``: no console."""
 
 
 def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -165,6 +174,13 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             live.micro_batch_size, planned.accumulation_steps, first_stage.global_batch_size)
 
     first_update_at: float | None = None
+    progress = ProgressSender(config.progress_queue, rank=rank)
+    if world_size < asked:
+        progress.warning(f"segment {segment.index} asked for {asked} workers but {world_size} are "
+                         f"running; every update still uses exactly the global batch")
+    last_checkpoint = time.monotonic()
+    epochs_since_checkpoint = 0
+    checkpointed_epoch = resume_epoch - 1  # the epoch whose end the latest checkpoint holds
 
     for epoch in range(resume_epoch, segment.end_epoch):
         stage = plan.schedule.stage_of_epoch(epoch)
@@ -182,7 +198,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         loss_scale = torch.tensor(split.loss_scale, device=device)
         batches = first_batches if epoch == resume_epoch else epoch_batches(
             train_shard, split.rank_samples[rank], shuffle_seed=epoch_seed(config.seed, epoch, rank))
-        for _ in range(split.updates_per_epoch):
+        for update in range(split.updates_per_epoch):
             waited_from = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - waited_from
@@ -194,6 +210,11 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                                      f"{split.rank_samples[rank]}")
             train_update(model, optimizer, config.loss_fn, features, labels, micro_batches,
                          loss_scale, tally)
+            if progress.due():
+                progress.send_progress(epoch=epoch, updates_done=update + 1,
+                                       updates_total=split.updates_per_epoch,
+                                       samples_done=(update + 1) * stage.global_batch_size,
+                                       elapsed_s=time.perf_counter() - epoch_started)
             if first_update_at is None:
                 first_update_at = time.time()
                 startup.append(("first update", time.perf_counter()))
@@ -210,10 +231,19 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         totals = all_reduce_sum(torch.tensor(
             [tally.loss_sum().item(), sum(rows_per_update), min(rows_per_update, default=0),
              max(rows_per_update, default=0)], dtype=torch.float64, device=device))
-        bad = all_reduce_max(tally.first_bad_update())
-        if bad.item() >= 0:  # the same on every rank: all leave here, before reporting
-            return {NON_FINITE: {"stage": stage.index, "update": int(bad.item()),
-                                 "global_batch_size": stage.global_batch_size, "epoch": epoch}}
+        epochs_since_checkpoint += 1
+        # Rank 0's clock decides a time-based checkpoint for every rank (reports are collective).
+        due_by_time = rank == 0 and config.checkpoint_every_s is not None \
+            and time.monotonic() - last_checkpoint >= config.checkpoint_every_s
+        bad, due = all_reduce_max(torch.stack([
+            tally.first_bad_update(), torch.tensor(int(due_by_time), device=device)])).tolist()
+        checkpoint_now = bool(due) or epoch + 1 == segment.end_epoch or (
+            config.checkpoint_every_epochs is not None
+            and epochs_since_checkpoint >= config.checkpoint_every_epochs)
+        if bad >= 0:  # the same on every rank: all leave here, before reporting
+            return {NON_FINITE: {"stage": stage.index, "update": int(bad),
+                                 "global_batch_size": stage.global_batch_size, "epoch": epoch,
+                                 "checkpoint_epoch": checkpointed_epoch}}
         epoch_samples = int(totals[1].item())
         if epoch_samples != epoch_updates * stage.global_batch_size:
             raise InvariantError(f"epoch {epoch} used {epoch_samples} samples for {epoch_updates} "
@@ -251,7 +281,10 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         )
         state.history.append(record)
         state.next_epoch = epoch + 1
-        report_epoch(record, state, module, optimizer, rank)
+        progress.epoch(record)
+        report_epoch(record, state, module, optimizer, rank, checkpoint=checkpoint_now)
+        if checkpoint_now:
+            last_checkpoint, epochs_since_checkpoint, checkpointed_epoch = time.monotonic(), 0, epoch
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -348,9 +381,13 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Lo
 
 
 def report_epoch(record: EpochRecord, state: TrainState, module: nn.Module,
-                 optimizer: torch.optim.Optimizer, rank: int) -> None:
-    """Report the epoch on every rank (a barrier); only rank 0 writes the checkpoint."""
-    if rank != 0:
+                 optimizer: torch.optim.Optimizer, rank: int, *, checkpoint: bool = True) -> None:
+    """Report the epoch on every rank (a barrier); only rank 0 writes the checkpoint, when due.
+
+    The history travels in the checkpoint, so an epoch trained after the last checkpoint is
+    trained again after a failure and recorded once.
+    """
+    if rank != 0 or not checkpoint:
         ray.train.report(record, checkpoint=None)
         return
     # A logger, not print: Ray Train 2.60 tees a worker's print to stdout and to its logger, so

@@ -10,6 +10,7 @@ fits the model). A command does its own checks around them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import tempfile
@@ -91,16 +92,20 @@ def connect_ray(args: argparse.Namespace) -> None:
     """Join ``--address`` (or the job's cluster), else start a local Ray in this process."""
     import ray
 
+    from ray_sebs.console import quiet_ray_driver, ray_init_options
+
     if ray.is_initialized():
         return
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)
+    verbose = getattr(args, "verbose", False)
     try:
         if address:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, **ray_init_options(verbose))
         else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, **ray_init_options(verbose))
+        quiet_ray_driver(verbose)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise ConfigError("address", address, f"no Ray cluster could be reached ({error})",
                           "start one with `ray start --head` or pass the right --address") from None
@@ -138,6 +143,13 @@ def check_run_flags(args: argparse.Namespace) -> None:
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError("num_cpus", args.num_cpus, "must be >= 1",
                           "give the local Ray at least 1 CPU, or leave it unset for all")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError("checkpoint_every_epochs", args.checkpoint_every, "must be >= 1",
+                          "use e.g. 1 to checkpoint every epoch, or leave it unset")
+    if not math.isfinite(args.checkpoint_every_s) or args.checkpoint_every_s < 0:
+        raise ConfigError("checkpoint_every_s", args.checkpoint_every_s,
+                          "must be a finite number of seconds >= 0",
+                          "use e.g. 60, or 0 to checkpoint every epoch")
 
 
 def check_data_paths(dataset_config: DatasetConfig) -> None:

@@ -6,10 +6,10 @@ import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ray_sebs.history import HISTORY_COLUMNS
+from ray_sebs.history import HISTORY_COLUMNS, RECOVERY, clock_origin, epoch_clock, worker_group_changes
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -54,14 +54,14 @@ def stage_table(history: Sequence[dict[str, Any]]) -> str:
     return format_table(header, rows)
 
 
-def write_history(history: Sequence[dict[str, Any]], run_dir: str) -> dict[str, str]:
-    """``history.json``, ``history.csv``, ``curves.png`` and TensorBoard scalars in ``run_dir``."""
+def write_history(history: Sequence[Mapping[str, Any]], run_dir: str) -> dict[str, str]:
+    """``history.json``, ``history.csv`` and ``curves.png`` in ``run_dir``; the paths, with the
+    TensorBoard directory that :class:`TensorBoardWriter` filled while the run trained."""
     os.makedirs(run_dir, exist_ok=True)
     paths = {
         "json": os.path.join(run_dir, "history.json"),
         "csv": os.path.join(run_dir, "history.csv"),
         "png": os.path.join(run_dir, "curves.png"),
-        "tensorboard": os.path.join(run_dir, "tensorboard"),
     }
     with open(paths["json"], "w") as handle:
         json.dump(list(history), handle, indent=2)
@@ -70,49 +70,92 @@ def write_history(history: Sequence[dict[str, Any]], run_dir: str) -> dict[str, 
         writer.writeheader()
         writer.writerows(history)
     plot_curves(history, paths["png"])
-    write_tensorboard(history, paths["tensorboard"])
+    tensorboard = os.path.join(run_dir, TENSORBOARD_DIR)
+    if os.path.isdir(tensorboard):
+        paths["tensorboard"] = tensorboard
     return paths
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: str) -> None:
-    """Validation accuracy against updates and against wall time, stage boundaries dashed."""
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str) -> None:
+    """Loss and validation accuracy against the run's real wall clock.
+
+    The clock (:func:`~ray_sebs.history.epoch_clock`) starts with the first epoch and runs through
+    everything the run spent: epochs, evaluation, checkpoints, and the gaps between worker groups,
+    which are shaded
+    and labelled (a resize, planned at a stage boundary, or a recovery after a failure). Each
+    stage's global batch and workers are written at its start, so what SEBS saves or costs is
+    visible where it happens, not hidden in a sum of epoch times.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    updates = [record["updates"] for record in history]
-    elapsed = []
-    clock = 0.0
-    for record in history:
-        clock += record["epoch_time_s"]
-        elapsed.append(clock)
-    accuracy = [record["validation_accuracy"] for record in history]
-    figure, (by_updates, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for axis, xs, label in ((by_updates, updates, "updates"), (by_time, elapsed, "training time (s)")):
-        axis.plot(xs, accuracy, marker="o", markersize=3)
-        for previous, record, x in zip(history, history[1:], xs, strict=False):
-            if record["stage"] != previous["stage"]:
-                axis.axvline(x, color="grey", linestyle="--", linewidth=0.8)
-                axis.annotate(f"B={record['global_batch_size']}, W={record['world_size']}",
-                              (x, 0.02), xycoords=("data", "axes fraction"), fontsize=7,
-                              rotation=90, color="grey")
-        axis.set_xlabel(label)
-        axis.set_ylabel("validation accuracy")
+    if not history:
+        return
+    origin = clock_origin(history)
+    ends = epoch_clock(history)
+    starts = [0.0, *ends[:-1]]
+    figure, (losses, accuracy) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    losses.plot(ends, [record["train_loss"] for record in history], marker="o", markersize=3,
+                label="training loss")
+    validation_loss = [record["validation_loss"] for record in history]
+    if not all(math.isnan(value) for value in validation_loss):
+        losses.plot(ends, validation_loss, marker="o", markersize=3, label="validation loss")
+    accuracy.plot(ends, [record["validation_accuracy"] for record in history], marker="o",
+                  markersize=3, color="tab:green", label="validation accuracy")
+    for change in worker_group_changes(history):
+        begin = change.previous_ended_at - origin
+        end = change.first_update_at - origin
+        for axis in (losses, accuracy):
+            axis.axvspan(begin, end, color="tab:red" if change.kind == RECOVERY else "tab:orange",
+                         alpha=0.15, linewidth=0)
+        accuracy.annotate(f"{change.kind} {change.workers_before}→{change.workers_after} workers, "
+                          f"{change.cost_s:.1f} s", ((begin + end) / 2, 0.02),
+                          xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                          ha="center", va="bottom")
+    previous_stage = None
+    for record, begin in zip(history, starts, strict=True):
+        if record["stage"] != previous_stage:
+            previous_stage = record["stage"]
+            for axis in (losses, accuracy):
+                axis.axvline(begin, color="grey", linestyle="--", linewidth=0.8)
+            losses.annotate(f"stage {record['stage']}: B={record['global_batch_size']}, "
+                            f"W={record['world_size']}", (begin, 0.98),
+                            xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
+                            ha="right", va="top", color="grey")
+    losses.set_ylabel("loss")
+    losses.legend(loc="upper right", fontsize=8)
+    accuracy.set_ylabel("validation accuracy")
+    accuracy.set_xlabel("wall clock since the first epoch started (s)")
+    for axis in (losses, accuracy):
         axis.grid(alpha=0.3)
-    figure.suptitle("SEBS: validation accuracy; dashed lines are stage boundaries")
+    figure.suptitle("SEBS run: dashed lines start stages; shaded: worker-group changes")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def write_tensorboard(history: Sequence[dict[str, Any]], log_dir: str) -> None:
-    from tensorboardX import SummaryWriter
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_SCALARS = ("train_loss", "validation_loss", "validation_accuracy", "learning_rate",
+                       "global_batch_size", "world_size", "samples_per_s", "data_wait_fraction")
 
-    with SummaryWriter(log_dir) as writer:
-        for record in history:
-            for name in ("train_loss", "validation_loss", "validation_accuracy", "learning_rate",
-                         "global_batch_size", "world_size", "samples_per_s", "data_wait_fraction"):
-                value = record[name]
-                if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                    writer.add_scalar(f"sebs/{name}", value, global_step=record["updates"])
+
+class TensorBoardWriter:
+    """Writes each epoch's scalars as the epoch finishes, so ``tensorboard --logdir`` shows a live
+    run. The step is the run's update count, the x axis SEBS is about."""
+
+    def __init__(self, log_dir: str) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir, flush_secs=5)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        for name in TENSORBOARD_SCALARS:
+            value = record.get(name)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(f"sebs/{name}", value, global_step=record["updates"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

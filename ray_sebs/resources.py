@@ -206,3 +206,27 @@ def choose_concurrency(cluster_resources: Mapping[str, float], cluster: ClusterC
                        "time and a growing stage may run on fewer workers than planned")
     return Concurrency(max_concurrent_trials=chosen, worker_bundle=bundle, data_cpus_per_trial=reserve,
                        trial_cpus=trial_cpus, reason=reason)
+
+
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train's controller polls its workers this often (default 2 s). A worker's report waits in
+a queue of one until the next poll collects it, so with the default every report after the first
+idles up to 2 s, and so does the end of every worker group."""
+
+FASTEST_POLL_S = 0.1
+CONTROLLER_POLLS_PER_S = 1000.0
+"""Worker polls per second the controller may make: each poll is one RPC per worker."""
+
+
+def controller_poll_interval_s(peak_workers: int) -> float:
+    """The poll interval ray-sebs sets for its controllers: :data:`FASTEST_POLL_S` (0.1 s), or
+    slower for large groups so the controller makes at most :data:`CONTROLLER_POLLS_PER_S` worker
+    RPCs a second (0.51 s at 512 workers), never slower than Ray's own 2 s."""
+    return min(2.0, max(FASTEST_POLL_S, peak_workers / CONTROLLER_POLLS_PER_S))
+
+
+DEFAULT_CHECKPOINT_EVERY_S = 60.0
+"""By default a run checkpoints at the first epoch end a minute after its last checkpoint, and at
+every segment end: a failure retrains at most about a minute. Checkpointing every epoch instead
+costs a state dict written and a report registered per epoch, which for small epochs (digits:
+0.2 s) is more than the epoch itself (benchmarks/RESULTS.md)."""

@@ -41,7 +41,12 @@ from ray_sebs.comparison_report import write_comparison
 from ray_sebs.errors import ConfigError, root_cause_line
 from ray_sebs.plan import ClusterConfig
 from ray_sebs.records import read_record, refuse_other_settings, write_record
-from ray_sebs.resources import TRIAL_DRIVER_CPUS, Concurrency, choose_concurrency
+from ray_sebs.resources import (
+    DEFAULT_CHECKPOINT_EVERY_S,
+    TRIAL_DRIVER_CPUS,
+    Concurrency,
+    choose_concurrency,
+)
 from ray_sebs.schedule import ScheduleConfig
 from ray_sebs.storage import read_json, write_bytes
 from ray_sebs.sweep_space import SweepSpace, TrialSpec, sweep_plans
@@ -71,6 +76,9 @@ class SweepSettings:
     """``<experiment>/runs``: trial ``t``'s SEBS run is ``runs/<t.slug>``."""
     max_failures: int = 1
     """Worker-group failures each trial recovers from (Ray Train's ``FailureConfig``)."""
+    checkpoint_every_epochs: int | None = None
+    checkpoint_every_s: float | None = DEFAULT_CHECKPOINT_EVERY_S
+    """Each trial's checkpoint cadence (:class:`~ray_sebs.trainer.SEBSTrainer`)."""
     prefetch_lead_time_s: float | None = None
     """Autoscaler prefetch (:mod:`ray_sebs.autoscale`); only with one trial at a time, since a
     resource request is one target for the whole cluster and concurrent trials would overwrite
@@ -112,9 +120,37 @@ def run_trial(config: dict[str, Any], settings: SweepSettings) -> None:
         run_config=RunConfig(name=spec.slug, storage_path=settings.runs_dir,
                              failure_config=FailureConfig(max_failures=settings.max_failures),
                              callbacks=[TuneReportCallback()]),
-        seed=spec.seed, prefetch_lead_time_s=settings.prefetch_lead_time_s)
+        seed=spec.seed, prefetch_lead_time_s=settings.prefetch_lead_time_s,
+        checkpoint_every_epochs=settings.checkpoint_every_epochs,
+        checkpoint_every_s=settings.checkpoint_every_s)
     result = trainer.fit()
     write_bytes(f"{result.run_dir}/{HISTORY_FILE}", json.dumps(result.history, indent=1).encode())
+
+
+def trial_lines(total: int, log: Callable[[str], None]) -> Any:
+    """A Tune callback that says one line per trial that ends, with a count: Tune's own status
+    table (every few seconds) stays off the console."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self) -> None:
+            self.ended = 0
+
+        def _line(self, trial: Any, outcome: str) -> None:
+            self.ended += 1
+            log(f"[{self.ended}/{total}] {trial_name(trial)}: {outcome}")
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            accuracy = result.get("validation_accuracy")
+            accuracy_text = f"val acc {accuracy:.4f}, " if isinstance(accuracy, float) else ""
+            self._line(trial, f"finished after epoch {result.get('epoch', '?')}, {accuracy_text}"
+                              f"{result.get('updates', 0):,} updates")
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._line(trial, "failed (a rerun with the same --name retries it)")
+
+    return TrialLines()
 
 
 def trial_name(trial: Any) -> str:
@@ -182,6 +218,8 @@ def run_sweep(
     max_concurrent_trials: int | None = None,
     data_cpus_per_trial: float | None = None,
     max_failures: int = 1,
+    checkpoint_every_epochs: int | None = None,
+    checkpoint_every_s: float | None = DEFAULT_CHECKPOINT_EVERY_S,
     asha: bool = False,
     asha_grace_epochs: int | None = None,
     log: Callable[[str], None] = print,
@@ -224,6 +262,7 @@ def run_sweep(
     settings = SweepSettings(
         schedule=schedule, cluster=sized, dataset=dataset, model=model,
         runs_dir=f"{experiment_dir}/{RUNS_DIR}", max_failures=max_failures,
+        checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_every_s=checkpoint_every_s,
         prefetch_lead_time_s=None if concurrency.max_concurrent_trials > 1 else _default_lead_time())
     trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
                                     {"CPU": TRIAL_DRIVER_CPUS})
@@ -251,7 +290,8 @@ def run_sweep(
                                         scheduler=scheduler, trial_name_creator=trial_name,
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1))
+                                      failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                      callbacks=[trial_lines(len(specs), log)]))
     results = tuner.fit()
 
     reported: dict[str, list[dict[str, Any]]] = {}

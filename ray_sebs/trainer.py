@@ -19,11 +19,13 @@ in ``Result.return_value`` and the driver raises :class:`~ray_sebs.errors.NonFin
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +36,8 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
-from ray_sebs.errors import ConfigError, InvariantError, NonFiniteLossError
+from ray_sebs.console import RunConsole
+from ray_sebs.errors import ConfigError, InvariantError, NonFiniteLossError, require_int
 from ray_sebs.history import change_totals, worker_seconds
 from ray_sebs.loop import (
     CHECKPOINT_FILE,
@@ -47,8 +50,12 @@ from ray_sebs.loop import (
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.records import read_record, refuse_other_settings, write_record
+from ray_sebs.report import TENSORBOARD_DIR, TensorBoardWriter
 from ray_sebs.resources import (
+    CONTROLLER_POLL_ENV,
+    DEFAULT_CHECKPOINT_EVERY_S,
     check_cluster_can_start,
+    controller_poll_interval_s,
     data_cpu_reserve,
     describe_worker_shortage,
     size_worker_resources,
@@ -98,10 +105,18 @@ class SEBSTrainer:
             default. ray-sebs sums and weights it so each update is the mean over exactly B.
         run_config: Ray's ``RunConfig``: ``name``, ``storage_path`` (shared storage on a multi-node
             cluster), ``failure_config``, ``callbacks``. Its ``checkpoint_config`` is replaced:
-            ray-sebs checkpoints every epoch.
+            ray-sebs checkpoints at epoch ends, as the next two arguments say.
         seed: Seeds the model initialisation and the data order.
         prefetch_lead_time_s: Ask the autoscaler for the next, larger segment's workers this many
             seconds before its boundary (:mod:`ray_sebs.autoscale`); ``None`` never asks.
+        checkpoint_every_epochs: Checkpoint after this many epochs since the last checkpoint;
+            ``None``: not by count. A failure retrains at most the epochs since the last one.
+        checkpoint_every_s: Checkpoint at the first epoch end this many seconds after the last
+            checkpoint; ``None``: not by time. With both ``None`` only segment ends are
+            checkpointed, which every run does (the next segment starts from there).
+        console: Print one line per epoch and a live progress line within long epochs in this
+            process (:mod:`ray_sebs.console`), as ``ray-sebs train`` does. Either way TensorBoard
+            scalars are written as each epoch ends.
     """
 
     def __init__(
@@ -116,6 +131,9 @@ class SEBSTrainer:
         run_config: RunConfig | None = None,
         seed: int = 0,
         prefetch_lead_time_s: float | None = DEFAULT_LEAD_TIME_S,
+        checkpoint_every_epochs: int | None = None,
+        checkpoint_every_s: float | None = DEFAULT_CHECKPOINT_EVERY_S,
+        console: bool = False,
     ) -> None:
         if "train" not in datasets:
             raise ConfigError("datasets", sorted(datasets), "has no 'train' dataset",
@@ -134,6 +152,18 @@ class SEBSTrainer:
         self.run_config = run_config or RunConfig()
         self.seed = seed
         self.prefetch_lead_time_s = prefetch_lead_time_s
+        if checkpoint_every_epochs is not None:
+            require_int("checkpoint_every_epochs", checkpoint_every_epochs, minimum=1,
+                        fix="use e.g. 1 to checkpoint every epoch, or leave it unset")
+        if checkpoint_every_s is not None and (
+                isinstance(checkpoint_every_s, bool) or not isinstance(checkpoint_every_s, int | float)
+                or not math.isfinite(checkpoint_every_s) or checkpoint_every_s < 0):
+            raise ConfigError("checkpoint_every_s", checkpoint_every_s,
+                              "must be a finite number of seconds >= 0",
+                              "use e.g. 60, or 0 to checkpoint every epoch")
+        self.checkpoint_every_epochs = checkpoint_every_epochs
+        self.checkpoint_every_s = checkpoint_every_s
+        self.console = console
         self._plan: ElasticPlan | None = None
 
     def plan(self) -> ElasticPlan:
@@ -178,9 +208,15 @@ class SEBSTrainer:
                     len(plan.segments), len(plan.stages), plan.total_updates, run_dir)
 
         started = time.perf_counter()
+        tensorboard = live_tensorboard(run_dir)
         try:
-            result = self._fit_segments(plan, run_config, record, run_dir, capacity)
+            with controller_poll_interval(plan.peak_workers), RunConsole(
+                    print_lines=self.console,
+                    on_epoch=(tensorboard.add,) if tensorboard else ()) as console:
+                result = self._fit_segments(plan, run_config, record, run_dir, capacity, console.queue)
         finally:
+            if tensorboard:
+                tensorboard.close()
             if self.prefetch_lead_time_s is not None:
                 release_resource_request()
         checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
@@ -196,7 +232,7 @@ class SEBSTrainer:
                           summary=summary)
 
     def _fit_segments(self, plan: ElasticPlan, run_config: RunConfig, record: dict[str, Any],
-                      run_dir: str, capacity: int | None) -> ray.train.Result | None:
+                      run_dir: str, capacity: int | None, progress_queue: Any) -> ray.train.Result | None:
         """One ``TorchTrainer.fit()`` per unfinished segment; the last fit's result."""
         cluster = plan.cluster
         result = None
@@ -216,7 +252,9 @@ class SEBSTrainer:
             loop_config = SegmentConfig(
                 plan=plan, segment_index=segment.index, model_factory=self.model_factory,
                 optimizer=self.optimizer, loss_fn=self.loss_fn, seed=self.seed,
-                has_validation="validation" in self.datasets, workers=workers)
+                has_validation="validation" in self.datasets, workers=workers,
+                checkpoint_every_epochs=self.checkpoint_every_epochs,
+                checkpoint_every_s=self.checkpoint_every_s, progress_queue=progress_queue)
             trainer = TorchTrainer(
                 train_segment, train_loop_config={"segment": loop_config},
                 scaling_config=scaling, run_config=run_config, datasets=self.datasets,
@@ -246,6 +284,31 @@ def validation_in_order(datasets: Mapping[str, Any]) -> DataConfig:
 
     return DataConfig(datasets_to_split=["train"],
                       execution_options={"validation": ExecutionOptions(preserve_order=True)})
+
+
+@contextlib.contextmanager
+def controller_poll_interval(peak_workers: int) -> Iterator[None]:
+    """Set Ray Train's controller poll interval for the fits inside (Ray hands the driver's value to
+    every controller it starts, wherever it runs); a value the user set is kept."""
+    if CONTROLLER_POLL_ENV in os.environ:
+        yield
+        return
+    os.environ[CONTROLLER_POLL_ENV] = f"{controller_poll_interval_s(peak_workers):g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(CONTROLLER_POLL_ENV, None)
+
+
+def live_tensorboard(run_dir: str) -> TensorBoardWriter | None:
+    """A TensorBoard writer in ``<run_dir>/tensorboard`` when the run directory is on local disk
+    (or ``file://``); ``None`` on object storage, which tensorboardX does not reach by itself."""
+    path = run_dir.removeprefix("file://")
+    if "://" in path:
+        logger.warning("TensorBoard scalars are not written to %s (only local paths and file://)",
+                       run_dir)
+        return None
+    return TensorBoardWriter(os.path.join(path, TENSORBOARD_DIR))
 
 
 def default_run_name(plan: ElasticPlan) -> str:

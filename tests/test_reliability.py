@@ -118,9 +118,11 @@ def fit(tmp_path: Any, name: str, train: ray.data.Dataset, schedule: ScheduleCon
         cluster: ClusterConfig, model_factory: Any = small_model,
         validation: ray.data.Dataset | None = None, max_failures: int = 1):
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
+    # Every epoch checkpointed: the faults below resume from the epoch before them.
     trainer = SEBSTrainer(model_factory, datasets=datasets, schedule=schedule, cluster=cluster,
                           run_config=RunConfig(name=name, storage_path=str(tmp_path),
-                                               failure_config=FailureConfig(max_failures=max_failures)))
+                                               failure_config=FailureConfig(max_failures=max_failures)),
+                          checkpoint_every_epochs=1)
     return trainer.fit()
 
 
@@ -273,7 +275,8 @@ def test_a_killed_driver_resumes_without_retraining_and_a_changed_command_is_ref
     # 160 rows: 128 to train. Stage 1 (batch 8) on 1 worker; stages 2 and 3 (16, 32) on 2.
     flags = ["--dataset", "synthetic", "--synthetic-rows", "160", "--batch-size", "8", "--ratio", "2",
              "--stages", "3", "--epochs-per-stage", "1,1,3", "--max-micro-batch", "8",
-             "--max-workers", "2", "--storage-path", str(storage), "--name", "driver"]
+             "--max-workers", "2", "--storage-path", str(storage), "--name", "driver",
+             "--checkpoint-every", "1"]  # the kill waits for a mid-segment checkpoint
     command = [str(RAY_SEBS), "train", *flags, "--num-cpus", "2"]
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     plan = build_plan(ScheduleConfig(initial_batch_size=8, growth_ratio=2, num_stages=3,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -30,19 +31,22 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 class FailOnce(torch.nn.Module):
     """Kills its worker process (``os._exit``, not an exception) at a given training forward,
-    once per run: a marker file remembers that it already did."""
+    once per run: a marker file remembers that it already did. It first waits ``delay_s``, so
+    that the controller (polling every 0.1 s under ray-sebs) has registered the last report."""
 
-    def __init__(self, marker: str, at_forward: int) -> None:
+    def __init__(self, marker: str, at_forward: int, delay_s: float = 0.0) -> None:
         super().__init__()
         self.inner = small_model()
         self.marker = marker
         self.at_forward = at_forward
+        self.delay_s = delay_s
         self.forwards = 0
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.forwards += 1
             if self.forwards == self.at_forward and not os.path.exists(self.marker):
+                time.sleep(self.delay_s)
                 open(self.marker, "w").close()
                 os._exit(1)
         return self.inner(features)
@@ -129,16 +133,24 @@ def test_growing_run_changes_world_size_at_the_stage_boundary(tmp_path):
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint_with_counters_intact(tmp_path):
     features, labels = make_rows(64)
-    schedule = ScheduleConfig(initial_batch_size=8, growth_ratio=1, num_stages=1, epochs_per_stage=3)
+    schedule = ScheduleConfig(initial_batch_size=8, growth_ratio=1, num_stages=1, epochs_per_stage=4)
     cluster = ClusterConfig(min_workers=1, max_workers=1, max_micro_batch=8)
     marker = str(tmp_path / "killed")
-    # 8 updates per epoch: forward 12 is in the second epoch, after the first checkpoint.
+    # 8 updates per epoch, a checkpoint every 2 epochs (ends of epochs 1 and 3): forward 28 is in
+    # the fourth epoch (epoch 3), so epoch 2, never checkpointed, is trained again; 0 and 1 not.
     result = fit(tmp_path, "fault", features, labels, schedule, cluster,
-                 model_factory=lambda: FailOnce(marker, at_forward=12))
+                 model_factory=lambda: FailOnce(marker, at_forward=28, delay_s=1.0),
+                 checkpoint_every_epochs=2)
     assert os.path.exists(marker), "the worker was never killed"
-    assert [record["epoch"] for record in result.history] == [0, 1, 2]
-    assert result.history[-1]["updates"] == 3 * (64 // 8)
-    assert result.history[-1]["samples"] == 3 * 64
+    history = result.history
+    assert [record["epoch"] for record in history] == [0, 1, 2, 3], "each epoch exactly once"
+    first_group = history[0]["segment_started_at"]
+    assert history[1]["segment_started_at"] == first_group, "epochs 0-1 came from the checkpoint"
+    assert history[2]["segment_started_at"] == history[3]["segment_started_at"] != first_group
+    assert history[2]["segment_started_at"] > history[1]["ended_at"]
+    assert history[-1]["updates"] == 4 * (64 // 8)
+    assert history[-1]["samples"] == 4 * 64
+    assert (result.summary["resizes"], result.summary["recoveries"]) == (0, 1)
 
 
 @pytest.mark.parametrize("kind", ["ssgd", "constant"])
