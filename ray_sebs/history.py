@@ -176,12 +176,6 @@ def clock_origin(history: History) -> float:
     return history[0]["ended_at"] - history[0]["epoch_time_s"]
 
 
-def wall_time_s(history: History) -> float:
-    """Wall seconds from the first epoch's start to the last epoch's end (see :func:`epoch_clock`)."""
-    clock = epoch_clock(history)
-    return clock[-1] if clock else 0.0
-
-
 def worker_seconds(history: History) -> float:
     """Σ over epochs of live workers x epoch seconds: what the epochs occupied."""
     return sum(record["world_size"] * record["epoch_time_s"] for record in history)
