@@ -101,6 +101,10 @@ class SegmentConfig:
     """Checkpoint at the first epoch end this many seconds after the last checkpoint (rank 0's
     clock decides for every rank); ``None``: not by time. The segment's last epoch is always
     checkpointed: the next segment starts from it."""
+    report_every_epoch: bool = True
+    """Report every epoch's record to Ray Train, for its callbacks (Tune's, the autoscaler
+    prefetch); ``False``: report only with a checkpoint. A report is a barrier that waits for the
+    controller's next poll; the driver gets every record through :attr:`progress_queue` anyway."""
     progress_queue: Any = None
     """The driver's console queue (:class:`~ray_sebs.console.RunConsole`); ``None``: no console."""
 
@@ -282,7 +286,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         state.history.append(record)
         state.next_epoch = epoch + 1
         progress.epoch(record)
-        report_epoch(record, state, module, optimizer, rank, checkpoint=checkpoint_now)
+        if checkpoint_now or config.report_every_epoch:
+            report_epoch(record, state, module, optimizer, rank, checkpoint=checkpoint_now)
         if checkpoint_now:
             last_checkpoint, epochs_since_checkpoint, checkpointed_epoch = time.monotonic(), 0, epoch
 

@@ -54,6 +54,7 @@ from ray_sebs.report import TENSORBOARD_DIR, TensorBoardWriter
 from ray_sebs.resources import (
     CONTROLLER_POLL_ENV,
     DEFAULT_CHECKPOINT_EVERY_S,
+    autoscaling_enabled,
     check_cluster_can_start,
     controller_poll_interval_s,
     data_cpu_reserve,
@@ -108,7 +109,8 @@ class SEBSTrainer:
             ray-sebs checkpoints at epoch ends, as the next two arguments say.
         seed: Seeds the model initialisation and the data order.
         prefetch_lead_time_s: Ask the autoscaler for the next, larger segment's workers this many
-            seconds before its boundary (:mod:`ray_sebs.autoscale`); ``None`` never asks.
+            seconds before its boundary (:mod:`ray_sebs.autoscale`), on an autoscaling cluster
+            (``RAY_SEBS_AUTOSCALING=1``); ``None`` never asks.
         checkpoint_every_epochs: Checkpoint after this many epochs since the last checkpoint;
             ``None``: not by count. A failure retrains at most the epochs since the last one.
         checkpoint_every_s: Checkpoint at the first epoch end this many seconds after the last
@@ -198,7 +200,9 @@ class SEBSTrainer:
         if shortage:
             logger.warning("%s", shortage)
         callbacks = list(self.run_config.callbacks or [])
-        if self.prefetch_lead_time_s is not None:
+        # Only an autoscaler acts on a resource request; on a fixed cluster it would be noise.
+        prefetch = self.prefetch_lead_time_s is not None and autoscaling_enabled()
+        if prefetch:
             callbacks.append(ResourcePrefetchCallback(plan, lead_time_s=self.prefetch_lead_time_s))
         run_config = replace(
             self.run_config, name=name, storage_path=storage_path, callbacks=callbacks,
@@ -217,7 +221,7 @@ class SEBSTrainer:
         finally:
             if tensorboard:
                 tensorboard.close()
-            if self.prefetch_lead_time_s is not None:
+            if prefetch:
                 release_resource_request()
         checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
         if checkpoint is None:
@@ -254,7 +258,8 @@ class SEBSTrainer:
                 optimizer=self.optimizer, loss_fn=self.loss_fn, seed=self.seed,
                 has_validation="validation" in self.datasets, workers=workers,
                 checkpoint_every_epochs=self.checkpoint_every_epochs,
-                checkpoint_every_s=self.checkpoint_every_s, progress_queue=progress_queue)
+                checkpoint_every_s=self.checkpoint_every_s, progress_queue=progress_queue,
+                report_every_epoch=bool(run_config.callbacks))
             trainer = TorchTrainer(
                 train_segment, train_loop_config={"segment": loop_config},
                 scaling_config=scaling, run_config=run_config, datasets=self.datasets,
