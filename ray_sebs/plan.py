@@ -65,6 +65,22 @@ class ClusterConfig:
                                       f"resource {name!r} has amount {amount!r}",
                                       "give each resource a non-negative number, e.g. CPU=0.5")
             object.__setattr__(self, "resources_per_worker", resources)
+        if self.use_gpu:
+            self._check_whole_gpus()
+
+    def _check_whole_gpus(self) -> None:
+        """With ``use_gpu`` every worker needs whole GPUs of its own: NCCL refuses two ranks on one
+        device (``Duplicate GPU detected``), and only inside ``prepare_model``, after the worker
+        group has started (about 80 s in); Ray itself refuses ``GPU=0`` with ``use_gpu``. Without
+        ``use_gpu`` a GPU share is just a reservation and gloo trains on the CPUs."""
+        resources = self.resources_per_worker or {}
+        gpus = resources.get("GPU", 1.0)
+        if gpus < 1 or not float(gpus).is_integer():
+            raise ConfigError("resources_per_worker", resources,
+                              f"gives each worker GPU={gpus:g} with --use-gpu, but NCCL refuses two "
+                              "workers on one GPU (Duplicate GPU detected), after the workers start",
+                              "give each worker whole GPUs (GPU=1), or drop --use-gpu to train on "
+                              "CPUs with gloo")
 
     def worker_bundle(self) -> dict[str, float]:
         """The resources one worker reserves, with Ray Train's defaults filled in."""

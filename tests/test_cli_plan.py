@@ -182,6 +182,8 @@ BAD_ARGUMENTS = [
     (["--schedule", "foo"], "--schedule", "foo"),
     (["--resources-per-worker", "CPU"], "--resources-per-worker", "CPU"),
     (["--resources-per-worker", "CPU=-1"], "--resources-per-worker", "-1"),
+    # NCCL would refuse two ranks on one GPU only after the workers start.
+    (["--use-gpu", "--resources-per-worker", "CPU=1,GPU=0.5"], "--resources-per-worker", "GPU=0.5"),
 ]
 
 

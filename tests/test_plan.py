@@ -324,6 +324,10 @@ BAD_CLUSTERS = [
     ("resources_per_worker", {"resources_per_worker": {"CPU": -1}}, "-1"),
     ("resources_per_worker", {"resources_per_worker": {"CPU": float("nan")}}, "nan"),
     ("resources_per_worker", {"resources_per_worker": {"GPU": True}}, "True"),
+    # With use_gpu (NCCL) a worker needs whole GPUs of its own.
+    ("resources_per_worker", {"use_gpu": True, "resources_per_worker": {"GPU": 0.5}}, "GPU=0.5"),
+    ("resources_per_worker", {"use_gpu": True, "resources_per_worker": {"GPU": 1.5}}, "GPU=1.5"),
+    ("resources_per_worker", {"use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 0}}, "GPU=0"),
 ]
 
 
@@ -360,5 +364,15 @@ def test_worker_bundle_defaults():
     assert ClusterConfig().worker_bundle() == {"CPU": 1.0}
     assert ClusterConfig(use_gpu=True).worker_bundle() == {"CPU": 1.0, "GPU": 1.0}
     assert ClusterConfig(resources_per_worker={"CPU": 0.5}).worker_bundle() == {"CPU": 0.5}
-    assert ClusterConfig(use_gpu=True, resources_per_worker={"CPU": 4, "GPU": 0.5}).worker_bundle() == {
+    assert ClusterConfig(use_gpu=True, resources_per_worker={"CPU": 4, "GPU": 2}).worker_bundle() == {
+        "CPU": 4, "GPU": 2}
+    # Without use_gpu a GPU share is only a reservation: gloo trains on the CPUs.
+    assert ClusterConfig(resources_per_worker={"CPU": 4, "GPU": 0.5}).worker_bundle() == {
         "CPU": 4, "GPU": 0.5}
+
+
+def test_fractional_gpus_with_nccl_name_the_flag_and_both_fixes():
+    with pytest.raises(ConfigError) as info:
+        ClusterConfig(use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 0.5})
+    message = info.value.describe("--resources-per-worker")
+    assert "Duplicate GPU" in message and "whole GPUs" in message and "drop --use-gpu" in message
