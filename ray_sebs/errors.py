@@ -10,6 +10,7 @@ This module imports neither Ray nor torch: the plan and the schedule use it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -102,13 +103,19 @@ def root_cause_line(error: BaseException, *, limit: int = 300) -> str:
 
     Follows Ray Train's ``worker_failures`` (lowest rank first) and ``controller_failure``, Ray
     Core's ``cause``, then ``__cause__`` and ``__context__`` to the innermost error; a ray-sebs
-    error on the way is the answer itself. Of that error's message the first non-blank line is
-    kept (Ray appends retry advice after it), or the last one when the message carries a remote
-    traceback, whose last line is the exception itself.
+    error on the way is the answer itself. When a message on the way carries a remote traceback
+    (a ``RayTaskError``'s, or Ray Train's user-exception wrapper's), the deepest one gives the
+    answer: its exception line, ``Type: message``, with the message's further lines joined on (an
+    NCCL error says what is wrong on its second line). Ray prints such a traceback under a
+    ``ray::Actor.method() (pid=..)`` title instead of ``Traceback (...)``, so the frames are what
+    is looked for. Otherwise the first non-blank line of the innermost message is kept (Ray
+    appends retry advice after it).
     """
     seen: set[int] = set()
+    remote: str | None = None
     while id(error) not in seen and not isinstance(error, SEBSError):
         seen.add(id(error))
+        remote = exception_after_traceback(str(error)) or remote
         failures = getattr(error, "worker_failures", None)
         inner = (failures[min(failures)] if isinstance(failures, dict) and failures else None)
         inner = (inner or getattr(error, "controller_failure", None) or getattr(error, "cause", None)
@@ -116,9 +123,32 @@ def root_cause_line(error: BaseException, *, limit: int = 300) -> str:
         if not isinstance(inner, BaseException):
             break
         error = inner
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    text = lines[-1] if any(line.startswith("Traceback (most recent call last)") for line in lines) \
-        else lines[0]
+    lines = [line.strip() for line in _plain(str(error)).splitlines() if line.strip()]
+    if isinstance(error, SEBSError) or remote is None:
+        text = lines[0] if lines else type(error).__name__
+    else:
+        text = remote
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_FRAME = re.compile(r'^\s+File "')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (Ray colours a remote traceback's title)."""
+    return _ANSI.sub("", text)
+
+
+def exception_after_traceback(text: str) -> str | None:
+    """The exception a Python traceback in ``text`` ends with, as one line (``Type: message``, its
+    further lines joined with spaces); ``None`` when ``text`` has no traceback frames."""
+    lines = _plain(text).splitlines()
+    last_frame = max((index for index, line in enumerate(lines) if _FRAME.match(line)), default=None)
+    if last_frame is None:
+        return None
+    rest = lines[last_frame + 1:]
+    # The frame's source line (and Python 3.11's ^^^ markers) are indented; the exception is not.
+    while rest and (not rest[0].strip() or rest[0][:1].isspace()):
+        rest.pop(0)
+    return " ".join(line.strip() for line in rest if line.strip()) or None

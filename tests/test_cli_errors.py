@@ -58,6 +58,33 @@ def test_a_worker_group_error_carrying_a_ray_sebs_error_names_it(monkeypatch, ca
     assert one_line(capsys) == f"ray-sebs train: failed: {inner}"
 
 
+REMOTE_TRACEBACK = (
+    "Traceback (most recent call last):\n"
+    '  File "/app/ray_sebs/loop.py", line 120, in train_segment\n'
+    "    model = ray.train.torch.prepare_model(model)\n"
+    "            ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+    "torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:3356, invalid usage\n"
+    "ncclInvalidUsage: Duplicate GPU detected : rank 0 and rank 1 both on CUDA device 1000")
+
+
+@pytest.mark.parametrize("with_cause", [True, False], ids=["with-cause", "cause-lost"])
+def test_a_remote_task_error_is_its_exception_line(with_cause, monkeypatch, capsys):
+    from ray.exceptions import RayTaskError
+
+    # What a worker that died in prepare_model hands back: Ray titles the traceback
+    # "ray::RayTrainWorker...() (pid=.., ip=..)" in colour, and the cause may not survive pickling.
+    cause = RuntimeError(REMOTE_TRACEBACK.splitlines()[-2].split(": ", 1)[1]) if with_cause else None
+    task_error = RayTaskError("RayTrainWorker.run_train_fn", REMOTE_TRACEBACK, cause,
+                              proctitle="ray::RayTrainWorker.run_train_fn()", pid=7, ip="10.0.0.2")
+    fail_with(monkeypatch, "train", WorkerGroupError("rank 0 failed", {1: ValueError("other"),
+                                                                       0: task_error}))
+    assert cli.main(["train"]) == 1
+    assert one_line(capsys) == (
+        "ray-sebs train: failed: torch.distributed.DistBackendError: NCCL error in: "
+        "ProcessGroupNCCL.cpp:3356, invalid usage ncclInvalidUsage: Duplicate GPU detected : rank 0 "
+        "and rank 1 both on CUDA device 1000")
+
+
 def test_other_errors_are_not_swallowed(monkeypatch):
     fail_with(monkeypatch, "train", KeyError("a bug"))
     with pytest.raises(KeyError):
