@@ -128,12 +128,14 @@ def command_train(args: argparse.Namespace) -> int:
     """Validate everything, then train on Ray and write the run's outputs."""
     import functools
 
+    import ray
     from ray.train import FailureConfig, RunConfig
 
     from ray_sebs.history import change_totals
     from ray_sebs.models import build_model
     from ray_sebs.optim import OptimizerConfig
     from ray_sebs.report import stage_table, write_history
+    from ray_sebs.resources import check_gpus
     from ray_sebs.trainer import SEBSTrainer, default_run_name
 
     schedule_config = schedule_config_from_args(args)
@@ -143,6 +145,8 @@ def command_train(args: argparse.Namespace) -> int:
     # Too little data for one batch: the flag to change is --batch-size (or the data).
     data = connect_and_load(args, dataset_config, schedule_config.initial_batch_size,
                             batch_field="initial_batch_size")
+    # Before the plan is printed: the one line is the whole output.
+    check_gpus(cluster, ray.cluster_resources())
     datasets = {"train": data.train}
     if data.validation is not None:
         datasets["validation"] = data.validation

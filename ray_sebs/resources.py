@@ -76,13 +76,33 @@ def free_resources(available: Mapping[str, float], *, reserved_cpus: float = 0.0
     return free
 
 
+def check_gpus(cluster: ClusterConfig, available: Mapping[str, float]) -> None:
+    """Refuse ``use_gpu`` on a cluster without a GPU, naming ``--use-gpu``: Ray Train would wait
+    for GPU workers that can never be placed. Skipped on an autoscaling cluster, which may add
+    GPU nodes on demand."""
+    if cluster.use_gpu and not autoscaling_enabled() and float(available.get("GPU", 0)) <= 0:
+        raise ConfigError("use_gpu", True, "the cluster has no GPUs",
+                          "drop --use-gpu to train on CPUs with gloo, or pass --address of a "
+                          f"cluster with GPUs (set {AUTOSCALING_ENV}=1 on one that adds GPU nodes "
+                          "on demand)")
+
+
 def check_cluster_can_start(cluster: ClusterConfig, plan: ElasticPlan,
                             available: Mapping[str, float], *, reserved_cpus: float = 0.0) -> None:
     """Fail before any worker starts when even ``min_workers`` workers cannot be placed, keeping
     ``reserved_cpus`` free for Ray Data (:func:`data_cpu_reserve`). Skipped on an autoscaling
-    cluster, which starts with fewer resources than it can grow to."""
+    cluster, which starts with fewer resources than it can grow to.
+
+    GPUs follow the same rule as CPUs: ``use_gpu`` on a cluster without a GPU is refused
+    (:func:`check_gpus`), and so is a plan whose ``min_workers`` GPU workers do not fit the
+    cluster's GPUs; a plan that wants more GPU workers than that, but no more than the cluster
+    can place at its minimum, trains on the workers it can place (:func:`worker_capacity`, with
+    the warning of :func:`describe_worker_shortage`). That is right for GPUs too: every update
+    still uses exactly the stage's global batch, only with more accumulation on fewer devices.
+    """
     if autoscaling_enabled():
         return
+    check_gpus(cluster, available)
     minimum = min(cluster.min_workers, plan.segments[0].workers)
     free = free_resources(available, reserved_cpus=reserved_cpus)
     for resource, amount in cluster.worker_bundle().items():
@@ -92,11 +112,13 @@ def check_cluster_can_start(cluster: ClusterConfig, plan: ElasticPlan,
             kept = (f", of which {reserved_cpus:g} must stay free for Ray Data to read the datasets "
                     "(they are not materialized)") \
                 if resource == "CPU" and reserved_cpus and needed <= have + 1e-9 else ""
+            fits = math.floor(free.get(resource, 0.0) / amount + 1e-9)
+            lower = f"lower --min-workers to {fits}" if fits >= 1 else "lower --min-workers"
             raise ConfigError(
                 "min_workers", cluster.min_workers,
                 f"needs {needed:g} {resource} ({minimum} workers x {amount:g}) but the cluster has "
                 f"{have:g}{kept}",
-                "lower --min-workers or --resources-per-worker, or add nodes "
+                f"{lower} or --resources-per-worker, or add nodes "
                 f"(set {AUTOSCALING_ENV}=1 on an autoscaling cluster)")
 
 

@@ -57,8 +57,8 @@ def clusters(draw: st.DrawFn) -> ClusterConfig:
     bundle = draw(st.none() | st.dictionaries(
         resource_names, st.integers(0, 64) | st.floats(0, 1e12, allow_nan=False), min_size=1))
     # With use_gpu (NCCL) a worker holds whole GPUs; fractions are refused.
-    use_gpu = draw(st.booleans()) and (bundle is None or float(bundle.get("GPU", 1)).is_integer()
-                                       and bundle.get("GPU", 1) >= 1)
+    use_gpu = draw(st.booleans()) and (bundle is None or (float(bundle.get("GPU", 1)).is_integer()
+                                       and bundle.get("GPU", 1) >= 1))
     return ClusterConfig(min_workers=low, max_workers=draw(st.integers(low, 64)),
                          max_micro_batch=draw(st.integers(1, 4096)), use_gpu=use_gpu,
                          resources_per_worker=bundle)
