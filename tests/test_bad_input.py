@@ -118,6 +118,9 @@ BEFORE_RAY = [
     pytest.param(["--resources-per-worker", "CPU=-1"],
                  "--resources-per-worker={'CPU': -1.0}: resource 'CPU' has amount -1.0",
                  id="negative-resource"),
+    pytest.param(["--use-gpu", "--resources-per-worker", "CPU=1,GPU=0.5"],
+                 "--resources-per-worker={'CPU': 1.0, 'GPU': 0.5}: gives each worker GPU=0.5 with "
+                 "--use-gpu, but NCCL refuses two workers on one GPU", id="fractional-gpu-nccl"),
     pytest.param(["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion' (choose from",
                  id="unknown-optimizer"),
     pytest.param(["--model", "resnet"],
@@ -209,6 +212,22 @@ def test_cli_refuses_bad_data_before_any_worker_starts(argv, expected, files, ca
     line = run_main(["--storage-path", str(files / "runs"), *expand(argv, files)], capsys)
     assert fill(expected, files) in line, line
     # Refused before the trainer started: it would have made the run's directory first.
+    assert not any((files / "runs").iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_use_gpu_on_a_cluster_without_gpus_is_one_line_in_seconds(files, capsys, ray_cluster):
+    # The module's local Ray has no GPU (this machine has none): the real case, nothing mocked.
+    import ray
+
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    started = time.perf_counter()
+    line = run_main(["--storage-path", str(files / "runs"), "--use-gpu", "--stages", "1",
+                     "--epochs-per-stage", "1"], capsys)
+    assert time.perf_counter() - started < 30  # no worker group started (NCCL would take ~80 s)
+    assert line == ("ray-sebs train: error: --use-gpu=True: the cluster has no GPUs; drop --use-gpu "
+                    "to train on CPUs with gloo, or pass --address of a cluster with GPUs (set "
+                    "RAY_SEBS_AUTOSCALING=1 on one that adds GPU nodes on demand)")
     assert not any((files / "runs").iterdir())
 
 
