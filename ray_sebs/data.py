@@ -164,8 +164,15 @@ class DatasetConfig:
                     or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
                 raise ConfigError("synthetic_image_shape", shape,
                                   "must be three positive integers (C, H, W)",
-                                  "use e.g. (3, 32, 32)")
+                                  "use e.g. 3,32,32 (channels, height, width)")
             object.__setattr__(self, "synthetic_image_shape", tuple(shape))
+            # Digits and a user's files have their own shape; ignoring this would train on other data.
+            if self.path is not None or self.name != "synthetic":
+                source = "data read from a path" if self.path is not None else repr(self.name)
+                raise ConfigError("synthetic_image_shape", ",".join(map(str, shape)),
+                                  f"only applies to the synthetic dataset, not to {source}",
+                                  "use the synthetic dataset (--dataset synthetic), or leave it "
+                                  "unset")
         require_int("seed", self.seed, minimum=0, fix="use a non-negative integer seed")
         if self.path is None and self.num_classes is not None:
             classes = DIGITS_CLASSES if self.name == "digits" else self.synthetic_classes

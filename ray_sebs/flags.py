@@ -207,6 +207,10 @@ DATA_FLAGS: tuple[Flag, ...] = (
     Flag("--synthetic-rows", "data", field="synthetic_rows", config="dataset", parse=int,
          default=DEFAULT_DATASET.synthetic_rows,
          help="rows of --dataset synthetic (default: %(default)s)"),
+    Flag("--image-shape", "data", field="synthetic_image_shape", config="dataset",
+         parse=comma_ints, write=write_comma, metavar="C,H,W",
+         help="make --dataset synthetic images of this shape, e.g. 3,32,32, for --model cnn "
+              "(default: flat features)"),
 )
 
 TRAINING_FLAGS: tuple[Flag, ...] = (

@@ -45,8 +45,8 @@ def check_model(name: str, input_shape: tuple[int, ...]) -> None:
         raise ConfigError("model", name,
                           f"needs image input (C, H, W) with H and W >= {CNN_MIN_SIDE}, but the data "
                           f"has input shape {tuple(input_shape)}",
-                          "use mlp or logreg, or give image-shaped data (digits, or synthetic with "
-                          "an image shape)")
+                          "use mlp or logreg, or give image-shaped data (digits, or --dataset "
+                          "synthetic --image-shape 3,32,32)")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *,

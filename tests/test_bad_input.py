@@ -129,6 +129,20 @@ BEFORE_RAY = [
     pytest.param(["--model", "cnn", "--dataset", "synthetic"],
                  "--model='cnn': needs image input (C, H, W) with H and W >= 4, but the data has "
                  "input shape (32,)", id="cnn-on-flat-data"),
+    pytest.param(["--dataset", "synthetic", "--image-shape", "3,32"],
+                 "--image-shape=(3, 32): must be three positive integers (C, H, W); use e.g. 3,32,32",
+                 id="image-shape-two-values"),
+    pytest.param(["--dataset", "synthetic", "--image-shape", "3,0,8"],
+                 "--image-shape=(3, 0, 8): must be three positive integers", id="image-shape-zero"),
+    pytest.param(["--dataset", "synthetic", "--image-shape", "3,a,8"],
+                 "argument --image-shape: '3,a,8' is not an integer or a comma list",
+                 id="image-shape-not-integers"),
+    pytest.param(["--image-shape", "3,8,8"],
+                 "--image-shape='3,8,8': only applies to the synthetic dataset, not to 'digits'; use "
+                 "the synthetic dataset (--dataset synthetic)", id="image-shape-on-digits"),
+    pytest.param(["--dataset", "synthetic", "--image-shape", "3,2,2", "--model", "cnn"],
+                 "--model='cnn': needs image input (C, H, W) with H and W >= 4, but the data has "
+                 "input shape (3, 2, 2)", id="image-shape-too-small-for-cnn"),
     pytest.param(["--data", "{d}/missing.csv"],
                  "--data='{d}/missing.csv': does not exist; give an existing Parquet or CSV file",
                  id="data-missing"),
@@ -229,6 +243,19 @@ def test_use_gpu_on_a_cluster_without_gpus_is_one_line_in_seconds(files, capsys,
                     "to train on CPUs with gloo, or pass --address of a cluster with GPUs (set "
                     "RAY_SEBS_AUTOSCALING=1 on one that adds GPU nodes on demand)")
     assert not any((files / "runs").iterdir())
+
+
+@pytest.mark.timeout(300)
+def test_synthetic_images_train_the_cnn_from_the_cli(files, capsys, ray_cluster):
+    # The good side of --image-shape: `--dataset synthetic --model cnn` is refused on flat data
+    # (BEFORE_RAY), and trains once the data is image-shaped.
+    code = main(["train", "--storage-path", str(files / "runs"), "--name", "cnn", "--dataset",
+                 "synthetic", "--synthetic-rows", "64", "--image-shape", "3,8,8", "--model", "cnn",
+                 "--batch-size", "8", "--stages", "1", "--epochs-per-stage", "1", "--max-workers", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "final validation accuracy" in captured.out
+    assert (files / "runs" / "cnn" / "history.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------

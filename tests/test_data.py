@@ -85,7 +85,11 @@ def test_import_does_not_load_ray_or_torch() -> None:
     ({"synthetic_rows": 0}, "synthetic_rows", "0"),
     ({"synthetic_classes": 1}, "synthetic_classes", "1"),
     ({"synthetic_difficulty": float("nan")}, "synthetic_difficulty", "nan"),
-    ({"synthetic_image_shape": (3, 32)}, "synthetic_image_shape", "(3, 32)"),
+    ({"name": "synthetic", "synthetic_image_shape": (3, 32)}, "synthetic_image_shape", "(3, 32)"),
+    ({"name": "synthetic", "synthetic_image_shape": (3, 0, 8)}, "synthetic_image_shape", "(3, 0, 8)"),
+    ({"synthetic_image_shape": (3, 8, 8)}, "synthetic_image_shape", "not to 'digits'"),
+    ({"path": "x.csv", "synthetic_image_shape": (3, 8, 8)}, "synthetic_image_shape",
+     "not to data read from a path"),
     ({"seed": -1}, "seed", "-1"),
     ({"standardize": "yes"}, "standardize", "yes"),
 ])
@@ -94,9 +98,9 @@ def test_config_rejects(kwargs: dict[str, Any], field: str, fragment: str) -> No
 
 
 def test_config_normalizes_sequences() -> None:
-    config = DatasetConfig(path="x.csv", feature_columns=["a", "b"],  # type: ignore[arg-type]
-                           synthetic_image_shape=[1, 8, 8])  # type: ignore[arg-type]
+    config = DatasetConfig(path="x.csv", feature_columns=["a", "b"])  # type: ignore[arg-type]
     assert config.feature_columns == ("a", "b")
+    config = DatasetConfig(name="synthetic", synthetic_image_shape=[1, 8, 8])  # type: ignore[arg-type]
     assert config.synthetic_image_shape == (1, 8, 8)
     assert DatasetConfig().input_shape == (1, 8, 8)
     assert DatasetConfig(name="synthetic").input_shape == (32,)

@@ -71,8 +71,9 @@ column = st.text("abcxyz_0123456789", min_size=1, max_size=6)
 def datasets(draw: st.DrawFn) -> DatasetConfig:
     path = draw(st.none() | st.sampled_from(["train.parquet", "s3://bucket/data dir/train.csv"]))
     label = draw(column)
+    name = draw(st.sampled_from(DATASET_NAMES))
     return DatasetConfig(
-        name=draw(st.sampled_from(DATASET_NAMES)), path=path,
+        name=name, path=path,
         feature_columns=(draw(st.none() | st.lists(column.filter(lambda c: c != label), min_size=1,
                                                    max_size=4, unique=True).map(tuple))
                          if path else None),
@@ -80,7 +81,9 @@ def datasets(draw: st.DrawFn) -> DatasetConfig:
         validation_path=draw(st.none() | st.just("valid.csv")) if path else None,
         validation_fraction=draw(st.sampled_from([0, 0.2]) | st.floats(0, 0.99, allow_nan=False)),
         standardize=draw(st.booleans()), num_classes=draw(st.none() | st.integers(10, 1000)),
-        synthetic_rows=draw(st.integers(1, 10**6)), seed=draw(st.integers(0, 2**31)))
+        synthetic_rows=draw(st.integers(1, 10**6)), seed=draw(st.integers(0, 2**31)),
+        synthetic_image_shape=(draw(st.none() | st.tuples(*[st.integers(1, 512)] * 3))
+                               if path is None and name == "synthetic" else None))
 
 
 def parse(command: str, flags: list[str]) -> argparse.Namespace:
