@@ -1,7 +1,7 @@
 """Every benchmark at its ``--smoke`` size, so the scripts cannot rot.
 
-The two without Ray run as the command users type (a subprocess). The three Ray ones run in this
-process on the module's shared local Ray (one start instead of three), each with at most one small
+The two without Ray run as the command users type (a subprocess). The four Ray ones run in this
+process on the module's shared local Ray (one start instead of four), each with at most one small
 ``fit()`` per variant it compares. Figures are not checked, only that each script runs end to end
 and prints its table and verdict.
 """
@@ -81,3 +81,14 @@ def test_ingest_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert "loop (epoch_batches)" in output
     assert "in-memory slices" in output
     assert "data wait over all epochs" in output
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_gpu_throughput_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    # --device cpu: the same code path as on a GPU, which this machine does not have.
+    assert load("gpu_throughput").main(["--smoke"]) == 0
+    output = capsys.readouterr().out
+    assert "bare on-device samples/s" in output and "bare copy samples/s" in output
+    assert "n/a (no --precision yet)" in output  # the bf16 rows of ray-sebs
+    assert "|     8 |      fp32 |" in output and "|    16 |      bf16 |" in output
