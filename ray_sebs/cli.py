@@ -187,7 +187,10 @@ def command_tune(args: argparse.Namespace) -> int:
     """Validate, sweep growth ratios with Ray Tune, write comparison.{md,csv,png}."""
     import datetime
 
+    import ray
+
     from ray_sebs.comparison_report import comparison_markdown
+    from ray_sebs.resources import check_gpus
     from ray_sebs.sweep import check_same_sweep, check_sweep_options, run_sweep, sweep_fingerprint
     from ray_sebs.sweep_space import SweepSpace, sweep_plans
     from ray_sebs.trainer import absolute_storage_path
@@ -219,6 +222,7 @@ def command_tune(args: argparse.Namespace) -> int:
     check_same_sweep(f"{absolute_storage_path(args.storage_path).rstrip('/')}/{name}", name,
                      sweep_fingerprint(space, base, dataset_config, args.model))
     data = connect_and_load(args, dataset_config, max(space.batch_sizes))
+    check_gpus(cluster, ray.cluster_resources())  # else every trial would fail on it
     plans = sweep_plans(space, base, data.train_rows, cluster)
     print(f"sweep {name}: {len(plans)} configurations x {len(space.seeds)} seeds = "
           f"{len(space.trials())} trials on {data.train_rows:,} training rows", flush=True)
