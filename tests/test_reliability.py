@@ -424,7 +424,7 @@ def test_more_workers_than_the_cluster_has_trains_on_fewer_with_the_global_batch
     assert main(["train", *flags, "--min-workers", "3", "--max-workers", "4", "--name", "never"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line == ("ray-sebs train: error: --min-workers=3: needs 3 CPU (3 workers x 1) but the "
-                    "cluster has 2; lower --min-workers or --resources-per-worker, or add nodes "
+                    "cluster has 2; lower --min-workers to 2 or --resources-per-worker, or add nodes "
                     "(set RAY_SEBS_AUTOSCALING=1 on an autoscaling cluster)")
     assert not (tmp_path / "never").exists()
 
