@@ -30,6 +30,7 @@ import ray
 import ray.cloudpickle
 import ray.train
 import torch
+from processes import end_session
 from ray.train import FailureConfig, RunConfig
 from toy_problem import make_rows, small_model, to_dataset
 
@@ -231,36 +232,6 @@ def registered_states(run_dir: Path) -> list[dict[str, Any]]:
             except Exception:  # being deleted (num_to_keep) while read
                 continue
     return states
-
-
-def session_processes(session: int) -> list[int]:
-    """Live processes of a session (Linux ``/proc``): a process started with
-    ``start_new_session=True`` and everything it started, Ray's daemons and workers included."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        state, _, _, sid = stat[stat.rindex(")") + 2:].split()[:4]
-        if int(sid) == session and state != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def end_session(session: int, grace_s: float = 20.0) -> None:
-    """SIGKILL the session's process group, give the rest ``grace_s`` to follow, then SIGKILL each
-    one left (all of them started by the test's driver process)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(session, signal.SIGKILL)
-    deadline = time.monotonic() + grace_s
-    while session_processes(session) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in session_processes(session):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def epochs_printed(output: str) -> set[int]:
