@@ -29,11 +29,12 @@ from ray_sebs.flags import (
     cluster_config_from_args,
     schedule_config_from_args,
 )
-from ray_sebs.interrupt import STOP_SIGNALS, Interruption, run_interruptible
+from ray_sebs.interrupt import STOP_SIGNALS, Interruption, run_interruptible, shutdown_ray
 from ray_sebs.plan import ElasticPlan, build_plan
 from ray_sebs.preflight import check_before_ray, connect_and_load
 from ray_sebs.report import format_table
 
+RAY_AUTO_CONNECT_ENV = "RAY_ENABLE_AUTO_CONNECT"
 INTERRUPTED_STATUSES = frozenset(Interruption(signum).exit_code for signum in STOP_SIGNALS)
 
 
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; its exit status. SIGINT and SIGTERM stop ``train`` and ``tune`` cleanly
     (:mod:`ray_sebs.interrupt`) with status 130 or 143 and one line that says how to resume."""
+    # The CLI always connects explicitly (preflight.connect_ray). Without Ray's auto-init, a Ray
+    # call made after an interruption shut Ray down fails instead of starting a new local Ray
+    # that outlives the command. Read when Ray is first imported.
+    os.environ.setdefault(RAY_AUTO_CONNECT_ENV, "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -340,6 +345,7 @@ def run() -> NoReturn:
     134) instead of exiting with the status the signal calls for.
     """
     status = main()
+    shutdown_ray()
     if status in INTERRUPTED_STATUSES:
         sys.stdout.flush()
         sys.stderr.flush()

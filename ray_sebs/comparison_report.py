@@ -100,10 +100,10 @@ def _markdown_cells(row: ComparisonRow) -> list[str]:
 
 
 def plot_comparison(comparison: Comparison, histories: Mapping[Configuration, Sequence[History]],
-                    target: str | BinaryIO) -> None:
+                    output: str | BinaryIO) -> None:
     """Validation accuracy against updates and against wall time, one curve per configuration
     (mean over its finished seeds), one row of plots per group, the target dashed; a PNG written
-    to ``target`` (a local file name or a binary file object)."""
+    to ``output`` (a local file name or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +139,7 @@ def plot_comparison(comparison: Comparison, histories: Mapping[Configuration, Se
     figure.suptitle("Validation accuracy by growth ratio (mean over seeds): SEBS solid (o), SSGD dashed "
                     "(s), constant dotted (^)")
     figure.tight_layout()
-    figure.savefig(target, format="png", dpi=100)
+    figure.savefig(output, format="png", dpi=100)
     plt.close(figure)
 
 

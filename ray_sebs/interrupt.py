@@ -94,8 +94,8 @@ def run_interruptible(command: Callable[[], int]) -> int | Interruption:
         if received:
             shutdown_ray()
             thread.join(CLEANUP_WAIT_S)
-            # A Ray call in the command's clean-up makes Ray start a new local instance (Ray's
-            # auto-init); that one must not outlive the command either.
+            # A Ray call in the command's clean-up makes Ray start a new local instance when its
+            # auto-init is on (the CLI turns it off); that one must not outlive the command.
             shutdown_ray()
             return Interruption(received[0])
     finally:

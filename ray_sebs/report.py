@@ -77,9 +77,9 @@ def write_history(history: Sequence[Mapping[str, Any]], run_dir: str) -> dict[st
     return paths
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], target: str | BinaryIO) -> None:
+def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) -> None:
     """Loss and validation accuracy against the run's real wall clock, as a PNG written to
-    ``target`` (a local file name or a binary file object); nothing for an empty history.
+    ``output`` (a local file name or a binary file object); nothing for an empty history.
 
     The clock (:func:`~ray_sebs.history.epoch_clock`) starts with the first epoch and runs through
     everything the run spent: epochs, evaluation, checkpoints, and the gaps between worker groups,
@@ -134,7 +134,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], target: str | BinaryIO) ->
         axis.grid(alpha=0.3)
     figure.suptitle("SEBS run: dashed lines start stages; shaded: worker-group changes")
     figure.tight_layout()
-    figure.savefig(target, format="png", dpi=100)
+    figure.savefig(output, format="png", dpi=100)
     plt.close(figure)
 
 
