@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -39,3 +40,16 @@ def end_session(session: int, grace_s: float = 20.0) -> None:
     for pid in session_processes(session):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def run_in_session(command: list[str], *, env: dict[str, str], cwd: Path | str,
+                   timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in its own session to the end (text stdout and stderr captured), then end
+    whatever of its session is left (its local Ray's processes)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, cwd=cwd, start_new_session=True)
+    try:
+        output, errors = process.communicate(timeout=timeout)
+    finally:
+        end_session(process.pid)
+    return subprocess.CompletedProcess(command, process.returncode, output, errors)

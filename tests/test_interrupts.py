@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import ray.train
-from processes import end_session, session_processes
+from processes import end_session, run_in_session, session_processes
 
 from ray_sebs.cli import main
 from ray_sebs.errors import ConfigError
@@ -52,9 +52,10 @@ def newest_registered(run_dir: Path) -> ray.train.Checkpoint | None:
         return None
 
 
-def interrupt(storage: Path, name: str, signum: int, tmp_path: Path) -> tuple[int, str]:
-    """Start the run, send ``signum`` to its driver once two epochs are checkpointed; the exit
-    status and stderr. Asserts that no process of the driver's session outlives it."""
+def interrupt(storage: Path, name: str, signum: int, tmp_path: Path) -> Path:
+    """Start the run and send ``signum`` to its driver once two epochs are checkpointed; the run
+    directory. Asserts the exit status, the one resume line, that no process of the driver's
+    session outlives it and that the lock was released."""
     log = tmp_path / f"{name}.log"
     with open(log, "w") as stdout:
         driver = subprocess.Popen(train_command(storage, name), stdout=stdout, stderr=subprocess.PIPE,
@@ -76,7 +77,14 @@ def interrupt(storage: Path, name: str, signum: int, tmp_path: Path) -> tuple[in
         assert session_processes(driver.pid) == [], "processes of the local Ray outlived the driver"
     finally:
         end_session(driver.pid)
-    return driver.returncode, errors
+    signal_name = signal.Signals(signum).name
+    assert driver.returncode == 128 + signum, errors
+    assert "Traceback" not in errors and "*** " not in errors, errors  # *** starts Ray's C++ dump
+    lines = [line for line in errors.splitlines() if line.startswith("ray-sebs train:")]
+    assert lines == [f"ray-sebs train: interrupted by {signal_name}; to resume the run, run the same "
+                     f"command with --name {name}"], errors
+    assert not (storage / name / LOCK_FILE).exists(), "the interrupted driver released its lock"
+    return storage / name
 
 
 def _next_epoch(checkpoint: ray.train.Checkpoint) -> int:
@@ -90,17 +98,9 @@ def _next_epoch(checkpoint: ray.train.Checkpoint) -> int:
         return 0
 
 
-def resume_line(errors: str, signal_name: str, name: str) -> None:
-    assert "Traceback" not in errors, errors
-    lines = [line for line in errors.splitlines() if line.startswith("ray-sebs train:")]
-    assert lines == [f"ray-sebs train: interrupted by {signal_name}; to resume the run, run the same "
-                     f"command with --name {name}"], errors
-
-
 def finish(storage: Path, name: str, tmp_path: Path) -> list[dict]:
     """Run the same command again; the run's history once it finished."""
-    done = subprocess.run(train_command(storage, name), capture_output=True, text=True, env=ENV,
-                          cwd=tmp_path, timeout=240, start_new_session=True)
+    done = run_in_session(train_command(storage, name), env=ENV, cwd=tmp_path, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     history = json.loads((storage / name / "history.json").read_text())
     assert [entry["epoch"] for entry in history] == list(range(EPOCHS)), "every epoch exactly once"
@@ -110,11 +110,7 @@ def finish(storage: Path, name: str, tmp_path: Path) -> list[dict]:
 @pytest.mark.timeout(420)
 def test_ctrl_c_stops_cleanly_a_cut_checkpoint_is_one_line_and_the_same_command_resumes(tmp_path):
     storage = tmp_path / "runs"
-    status, errors = interrupt(storage, "sigint", signal.SIGINT, tmp_path)
-    assert status == 130, errors
-    resume_line(errors, "SIGINT", "sigint")
-    run_dir = storage / "sigint"
-    assert not (run_dir / LOCK_FILE).exists(), "the interrupted driver released its lock"
+    run_dir = interrupt(storage, "sigint", signal.SIGINT, tmp_path)
     record = (run_dir / "sebs_run.json").read_text()
 
     # The newest registered checkpoint cut in half: refused in one line naming the file, before
@@ -122,8 +118,7 @@ def test_ctrl_c_stops_cleanly_a_cut_checkpoint_is_one_line_and_the_same_command_
     newest = Path(newest_registered(run_dir).path) / CHECKPOINT_FILE
     whole = newest.read_bytes()
     newest.write_bytes(whole[:len(whole) // 2])
-    refused = subprocess.run(train_command(storage, "sigint"), capture_output=True, text=True,
-                             env=ENV, cwd=tmp_path, timeout=240, start_new_session=True)
+    refused = run_in_session(train_command(storage, "sigint"), env=ENV, cwd=tmp_path, timeout=240)
     assert refused.returncode == 1, refused.stdout[-3000:] + refused.stderr[-3000:]
     assert "Traceback" not in refused.stderr
     (line,) = [line for line in refused.stderr.splitlines() if line.startswith("ray-sebs train:")]
@@ -140,10 +135,7 @@ def test_ctrl_c_stops_cleanly_a_cut_checkpoint_is_one_line_and_the_same_command_
 @pytest.mark.timeout(420)
 def test_sigterm_stops_cleanly_and_the_same_command_resumes(tmp_path):
     storage = tmp_path / "runs"
-    status, errors = interrupt(storage, "sigterm", signal.SIGTERM, tmp_path)
-    assert status == 143, errors
-    resume_line(errors, "SIGTERM", "sigterm")
-    assert "core dumped" not in errors and "*** " not in errors, errors
+    interrupt(storage, "sigterm", signal.SIGTERM, tmp_path)
     finish(storage, "sigterm", tmp_path)
 
 

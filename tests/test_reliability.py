@@ -30,7 +30,7 @@ import ray
 import ray.cloudpickle
 import ray.train
 import torch
-from processes import end_session
+from processes import end_session, run_in_session
 from ray.train import FailureConfig, RunConfig
 from toy_problem import make_rows, small_model, to_dataset
 
@@ -288,12 +288,8 @@ def test_a_killed_driver_resumes_without_retraining_and_a_changed_command_is_ref
     whole = (latest / CHECKPOINT_FILE).read_bytes()
     (partial / CHECKPOINT_FILE).write_bytes(whole[:len(whole) // 2])
 
-    rerun = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env, cwd=tmp_path, start_new_session=True)
-    try:
-        output, errors = rerun.communicate(timeout=300)
-    finally:
-        end_session(rerun.pid)
+    rerun = run_in_session(command, env=env, cwd=tmp_path, timeout=300)
+    output, errors = rerun.stdout, rerun.stderr
     assert rerun.returncode == 0, output[-3000:] + errors[-3000:]
     history = json.loads((run_dir / "history.json").read_text())
     assert [entry["epoch"] for entry in history] == list(range(plan.schedule.total_epochs))

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from processes import end_session
+from processes import run_in_session
 
 from ray_sebs.cli import main
 
@@ -71,15 +70,10 @@ def test_an_s3_run_writes_every_output_to_the_bucket(tmp_path):
         env = os.environ | credentials | {"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
         command = [str(RAY_SEBS), "train", *SMALL_RUN, "--storage-path", "s3://sebs/runs",
                    "--name", "bucket", "--num-cpus", "2"]
-        driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env, cwd=work, start_new_session=True)
-        try:
-            output, errors = driver.communicate(timeout=240)
-        finally:
-            end_session(driver.pid)
-        assert driver.returncode == 0, output[-3000:] + errors[-3000:]
+        driver = run_in_session(command, env=env, cwd=work, timeout=240)
+        assert driver.returncode == 0, driver.stdout[-3000:] + driver.stderr[-3000:]
         assert "run directory: s3://sebs/runs/bucket (history.json, history.csv, curves.png, " \
-               "tensorboard)" in output, output[-2000:]
+               "tensorboard)" in driver.stdout, driver.stdout[-2000:]
         listed = {info.path.removeprefix("sebs/runs/bucket/"): info for info in bucket.get_file_info(
             pyarrow.fs.FileSelector("sebs/runs/bucket", recursive=True))}
         for name in OUTPUTS:
