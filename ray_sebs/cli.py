@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -28,9 +29,13 @@ from ray_sebs.flags import (
     cluster_config_from_args,
     schedule_config_from_args,
 )
+from ray_sebs.interrupt import STOP_SIGNALS, Interruption, run_interruptible, shutdown_ray
 from ray_sebs.plan import ElasticPlan, build_plan
 from ray_sebs.preflight import check_before_ray, connect_and_load
 from ray_sebs.report import format_table
+
+RAY_AUTO_CONNECT_ENV = "RAY_ENABLE_AUTO_CONNECT"
+INTERRUPTED_STATUSES = frozenset(Interruption(signum).exit_code for signum in STOP_SIGNALS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,8 +131,6 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_train(args: argparse.Namespace) -> int:
     """Validate everything, then train on Ray and write the run's outputs."""
-    import functools
-
     import ray
     from ray.train import FailureConfig, RunConfig
 
@@ -167,6 +170,7 @@ def command_train(args: argparse.Namespace) -> int:
                           f"{error.problem.removeprefix('is ')}", error.fix) from None
     if args.name is None:  # Ray's RunConfig names an unnamed run itself; ours says what it is
         trainer.run_config = dataclasses.replace(trainer.run_config, name=default_run_name(plan))
+        args.name = trainer.run_config.name  # what an interruption tells the user to resume
     print(format_plan(plan, compact=True), flush=True)
     print(flush=True)
     result = trainer.fit()
@@ -178,8 +182,9 @@ def command_train(args: argparse.Namespace) -> int:
           f"{summary['samples']:,}, final validation accuracy {summary['final_validation_accuracy']:.4f}")
     print(f"wall time {summary['wall_time_s']:.1f}s, {change_totals(result.history).describe()}, "
           f"worker-seconds {summary['worker_seconds']:.1f}")
+    prefix = result.run_dir.rstrip("/") + "/"
     print(f"run directory: {result.run_dir} ("
-          + ", ".join(os.path.relpath(path, result.run_dir) for path in paths.values()) + ")")
+          + ", ".join(path.removeprefix(prefix) for path in paths.values()) + ")")
     return 0
 
 
@@ -218,6 +223,7 @@ def command_tune(args: argparse.Namespace) -> int:
     cluster = cluster_config_from_args(args)
     dataset_config = check_before_ray(args)
     name = args.name or f"growth-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    args.name = name  # what an interruption tells the user to resume
     # A resume with other settings fails now, before Ray starts (the data size is checked later).
     check_same_sweep(f"{absolute_storage_path(args.storage_path).rstrip('/')}/{name}", name,
                      sweep_fingerprint(space, base, dataset_config, args.model))
@@ -292,10 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status. SIGINT and SIGTERM stop ``train`` and ``tune`` cleanly
+    (:mod:`ray_sebs.interrupt`) with status 130 or 143 and one line that says how to resume."""
+    # The CLI always connects explicitly (preflight.connect_ray). Without Ray's auto-init, a Ray
+    # call made after an interruption shut Ray down fails instead of starting a new local Ray
+    # that outlives the command. Read when Ray is first imported.
+    os.environ.setdefault(RAY_AUTO_CONNECT_ENV, "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        outcome = run_interruptible(functools.partial(COMMANDS[args.command], args))
+        if isinstance(outcome, Interruption):
+            print(f"ray-sebs {args.command}: {interruption_line(outcome, args)}", file=sys.stderr,
+                  flush=True)
+            return outcome.exit_code
+        return outcome
     except ConfigError as error:
         flag = FLAG_OF_FIELD.get(error.field, error.field)
         print(f"ray-sebs {args.command}: error: {error.describe(flag)}", file=sys.stderr)
@@ -305,6 +322,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ray-sebs {args.command}: failed: {root_cause_line(error)}", file=sys.stderr)
         return 1
+
+
+def interruption_line(interruption: Interruption, args: argparse.Namespace) -> str:
+    """What was stopped and how to resume it."""
+    what = {"train": "run", "tune": "sweep"}.get(args.command)
+    name = getattr(args, "name", None)
+    if what is None:
+        return f"interrupted by {interruption.name}"
+    if name is None:
+        return f"interrupted by {interruption.name} before the {what} started; nothing to resume"
+    return (f"interrupted by {interruption.name}; to resume the {what}, run the same command with "
+            f"--name {name}")
 
 
 def _failures() -> tuple[type[BaseException], ...]:
@@ -317,6 +346,17 @@ def _failures() -> tuple[type[BaseException], ...]:
 
 
 def run() -> NoReturn:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point.
+
+    After an interruption the process ends with ``os._exit``: a thread of the command may still
+    be inside Ray's C++ client, and interpreter shutdown under it can abort the process (status
+    134) instead of exiting with the status the signal calls for.
+    """
+    status = main()
+    shutdown_ray()
+    if status in INTERRUPTED_STATUSES:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Mapping, Sequence
+from typing import BinaryIO
 
 from ray_sebs.comparison import Comparison, ComparisonRow, mean_curve
 from ray_sebs.errors import format_number
@@ -100,9 +100,10 @@ def _markdown_cells(row: ComparisonRow) -> list[str]:
 
 
 def plot_comparison(comparison: Comparison, histories: Mapping[Configuration, Sequence[History]],
-                    path: str) -> None:
+                    output: str | BinaryIO) -> None:
     """Validation accuracy against updates and against wall time, one curve per configuration
-    (mean over its finished seeds), one row of plots per group, the target dashed."""
+    (mean over its finished seeds), one row of plots per group, the target dashed; a PNG written
+    to ``output`` (a local file name or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +139,7 @@ def plot_comparison(comparison: Comparison, histories: Mapping[Configuration, Se
     figure.suptitle("Validation accuracy by growth ratio (mean over seeds): SEBS solid (o), SSGD dashed "
                     "(s), constant dotted (^)")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(output, format="png", dpi=100)
     plt.close(figure)
 
 
@@ -147,16 +148,12 @@ def write_comparison(comparison: Comparison,
                      directory: str, *, notes: Sequence[str] = ()) -> dict[str, str]:
     """``comparison.md``, ``comparison.csv`` and ``comparison.png`` in ``directory`` (a local path
     or a URI pyarrow reaches)."""
-    import tempfile
-
     paths = {name.rsplit(".", 1)[1]: f"{directory.rstrip('/')}/{name}" for name in COMPARISON_FILES}
     write_bytes(paths["md"], comparison_markdown(comparison, notes=notes).encode())
     write_bytes(paths["csv"], comparison_csv(comparison).encode())
-    with tempfile.TemporaryDirectory() as scratch:
-        local = os.path.join(scratch, "comparison.png")
-        plot_comparison(comparison, histories, local)
-        with open(local, "rb") as handle:
-            write_bytes(paths["png"], handle.read())
+    image = io.BytesIO()
+    plot_comparison(comparison, histories, image)
+    write_bytes(paths["png"], image.getvalue())
     return paths
 
 

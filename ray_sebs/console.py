@@ -138,8 +138,15 @@ class RunConsole:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        import ray
+
         self._stop.set()
         self._thread.join(timeout=5)
+        if not ray.is_initialized():
+            # Ray was shut down under the run (Ctrl-C, SIGTERM): the queue went with it, and a
+            # call on it would make Ray start a new local instance to serve it.
+            self._close_bar()
+            return
         self._handle_all()
         self._close_bar()
         try:

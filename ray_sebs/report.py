@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from ray_sebs.history import HISTORY_COLUMNS, RECOVERY, clock_origin, epoch_clock, worker_group_changes
+from ray_sebs.storage import exists, write_bytes
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -55,29 +56,30 @@ def stage_table(history: Sequence[dict[str, Any]]) -> str:
 
 
 def write_history(history: Sequence[Mapping[str, Any]], run_dir: str) -> dict[str, str]:
-    """``history.json``, ``history.csv`` and ``curves.png`` in ``run_dir``; the paths, with the
-    TensorBoard directory that :class:`TensorBoardWriter` filled while the run trained."""
-    os.makedirs(run_dir, exist_ok=True)
-    paths = {
-        "json": os.path.join(run_dir, "history.json"),
-        "csv": os.path.join(run_dir, "history.csv"),
-        "png": os.path.join(run_dir, "curves.png"),
-    }
-    with open(paths["json"], "w") as handle:
-        json.dump(list(history), handle, indent=2)
-    with open(paths["csv"], "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    plot_curves(history, paths["png"])
-    tensorboard = os.path.join(run_dir, TENSORBOARD_DIR)
-    if os.path.isdir(tensorboard):
-        paths["tensorboard"] = tensorboard
+    """``history.json``, ``history.csv`` and ``curves.png`` in ``run_dir`` (a local path or a URI,
+    written through :mod:`ray_sebs.storage`); their paths, with the TensorBoard directory when the
+    run wrote one (:func:`ray_sebs.trainer.run_tensorboard`)."""
+    base = run_dir.rstrip("/")
+    paths = {"json": f"{base}/history.json", "csv": f"{base}/history.csv"}
+    write_bytes(paths["json"], json.dumps(list(history), indent=2).encode())
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_bytes(paths["csv"], table.getvalue().encode())
+    image = io.BytesIO()
+    plot_curves(history, image)
+    if image.getvalue():
+        paths["png"] = f"{base}/curves.png"
+        write_bytes(paths["png"], image.getvalue())
+    if exists(f"{base}/{TENSORBOARD_DIR}"):
+        paths["tensorboard"] = f"{base}/{TENSORBOARD_DIR}"
     return paths
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: str) -> None:
-    """Loss and validation accuracy against the run's real wall clock.
+def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) -> None:
+    """Loss and validation accuracy against the run's real wall clock, as a PNG written to
+    ``output`` (a local file name or a binary file object); nothing for an empty history.
 
     The clock (:func:`~ray_sebs.history.epoch_clock`) starts with the first epoch and runs through
     everything the run spent: epochs, evaluation, checkpoints, and the gaps between worker groups,
@@ -132,7 +134,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str) -> None:
         axis.grid(alpha=0.3)
     figure.suptitle("SEBS run: dashed lines start stages; shaded: worker-group changes")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(output, format="png", dpi=100)
     plt.close(figure)
 
 

@@ -47,6 +47,7 @@ from ray_sebs.resources import (
     Concurrency,
     choose_concurrency,
 )
+from ray_sebs.runlock import RunLock
 from ray_sebs.schedule import ScheduleConfig
 from ray_sebs.storage import read_json, write_bytes
 from ray_sebs.sweep_space import SweepSpace, TrialSpec, sweep_plans
@@ -122,7 +123,7 @@ def run_trial(config: dict[str, Any], settings: SweepSettings) -> None:
                              callbacks=[TuneReportCallback()]),
         seed=spec.seed, prefetch_lead_time_s=settings.prefetch_lead_time_s,
         checkpoint_every_epochs=settings.checkpoint_every_epochs,
-        checkpoint_every_s=settings.checkpoint_every_s)
+        checkpoint_every_s=settings.checkpoint_every_s, lock=False)
     result = trainer.fit()
     write_bytes(f"{result.run_dir}/{HISTORY_FILE}", json.dumps(result.history, indent=1).encode())
 
@@ -255,89 +256,92 @@ def run_sweep(
 
     storage = absolute_storage_path(storage_path)
     experiment_dir = f"{storage.rstrip('/')}/{name}"
-    fingerprint = sweep_fingerprint(space, schedule, dataset, model, dataset_size)
-    if not check_same_sweep(experiment_dir, name, fingerprint):
-        write_record(f"{experiment_dir}/{SWEEP_RECORD}", fingerprint)
+    # One driver per sweep directory; its trials then need no lock of their own.
+    with RunLock(experiment_dir, name=name, what="sweep"):
+        fingerprint = sweep_fingerprint(space, schedule, dataset, model, dataset_size)
+        if not check_same_sweep(experiment_dir, name, fingerprint):
+            write_record(f"{experiment_dir}/{SWEEP_RECORD}", fingerprint)
 
-    settings = SweepSettings(
-        schedule=schedule, cluster=sized, dataset=dataset, model=model,
-        runs_dir=f"{experiment_dir}/{RUNS_DIR}", max_failures=max_failures,
-        checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_every_s=checkpoint_every_s,
-        prefetch_lead_time_s=None if concurrency.max_concurrent_trials > 1 else _default_lead_time())
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
-                                    {"CPU": TRIAL_DRIVER_CPUS})
-    resumed = tune.Tuner.can_restore(experiment_dir)
-    if resumed:
-        log(f"resuming the sweep in {experiment_dir}: finished trials are kept, the others run")
-        tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True,
-                                   restart_errored=True)
-    else:
-        scheduler = None
-        if asha:
-            from ray.tune.schedulers import ASHAScheduler
+        settings = SweepSettings(
+            schedule=schedule, cluster=sized, dataset=dataset, model=model,
+            runs_dir=f"{experiment_dir}/{RUNS_DIR}", max_failures=max_failures,
+            checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_every_s=checkpoint_every_s,
+            prefetch_lead_time_s=None if concurrency.max_concurrent_trials > 1 else _default_lead_time())
+        trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
+                                        {"CPU": TRIAL_DRIVER_CPUS})
+        resumed = tune.Tuner.can_restore(experiment_dir)
+        if resumed:
+            log(f"resuming the sweep in {experiment_dir}: finished trials are kept, the others run")
+            tuner = tune.Tuner.restore(experiment_dir, trainable, resume_unfinished=True,
+                                       restart_errored=True)
+        else:
+            scheduler = None
+            if asha:
+                from ray.tune.schedulers import ASHAScheduler
 
-            first_stage = schedule.epochs_of_stage(1)
-            total = sum(schedule.epochs_of_stage(s) for s in range(1, schedule.num_stages + 1))
-            # time_attr "epoch" (0-based, global) stays right for a trial that resumes mid-run;
-            # max_t past the last epoch so ASHA never stops a trial while it writes its history.
-            scheduler = ASHAScheduler(time_attr="epoch", metric="validation_accuracy", mode="max",
-                                      max_t=total + 1, grace_period=asha_grace_epochs or first_stage,
-                                      reduction_factor=2)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([spec.to_dict() for spec in specs])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency.max_concurrent_trials,
-                                        scheduler=scheduler, trial_name_creator=trial_name,
-                                        trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=0,
-                                      callbacks=[trial_lines(len(specs), log)]))
-    results = tuner.fit()
+                first_stage = schedule.epochs_of_stage(1)
+                total = sum(schedule.epochs_of_stage(s) for s in range(1, schedule.num_stages + 1))
+                # time_attr "epoch" (0-based, global) stays right for a trial that resumes mid-run;
+                # max_t past the last epoch so ASHA never stops a trial while it writes its history.
+                scheduler = ASHAScheduler(time_attr="epoch", metric="validation_accuracy", mode="max",
+                                          max_t=total + 1, grace_period=asha_grace_epochs or first_stage,
+                                          reduction_factor=2)
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search([spec.to_dict() for spec in specs])},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency.max_concurrent_trials,
+                                            scheduler=scheduler, trial_name_creator=trial_name,
+                                            trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(name=name, storage_path=storage,
+                                          failure_config=tune.FailureConfig(max_failures=1), verbose=0,
+                                          callbacks=[trial_lines(len(specs), log)]))
+        results = tuner.fit()
 
-    reported: dict[str, list[dict[str, Any]]] = {}
-    errors: dict[str, str] = {}
-    for result in results:
-        slug = result.config["trial"]["slug"] if result.config else None
-        if slug is None:
-            continue
-        if result.error is not None:
-            errors[slug] = root_cause_line(result.error)
-        frame = result.metrics_dataframe
-        if frame is not None and "epoch" in frame:
-            records = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
-            reported[slug] = records.to_dict("records")
-    histories: dict[str, list[dict[str, Any]]] = {}
-    failed, stopped = [], []
-    for spec in specs:
-        history = read_json(f"{settings.runs_dir}/{spec.slug}/{HISTORY_FILE}")
-        if history is None:
-            # Not finished: keep what it reported to Tune (the table counts it as unfinished).
-            history = reported.get(spec.slug, [])
-            if asha and history and spec.slug not in errors:
-                stopped.append(f"{spec.slug}: stopped by ASHA after epoch {history[-1]['epoch']}")
-            else:
-                failed.append(f"{spec.slug}: {errors.get(spec.slug, 'did not finish')}")
-        histories[spec.slug] = history
-    trials = [(spec, histories[spec.slug]) for spec in specs]
-    planned = {configuration: plan.schedule.total_epochs for configuration, plan in plans.items()}
-    comparison = compare(trials, planned_epochs=planned, target_accuracy=target_accuracy,
-                         configurations=space.configurations())
-    finished = {row.configuration: [histories[TrialSpec(row.configuration, seed).slug] for seed in row.seeds]
-                for row in comparison.rows}
-    notes = [f"Sweep `{name}`: {len(space.configurations())} configurations x "
-             f"{_count(len(space.seeds), 'seed')} ({', '.join(map(str, space.seeds))}), "
-             f"{_count(len(specs), 'trial')}; "
-             f"{schedule.num_stages} stages x {_epochs_text(schedule)} epochs, {dataset_size:,} training "
-             f"rows, model {model}.",
-             f"Concurrency: {concurrency.reason}."]
-    if failed:
-        notes.append(f"Unfinished trials: {'; '.join(failed)}.")
-    if stopped:
-        notes.append(f"Stopped early: {'; '.join(stopped)}.")
-    paths = write_comparison(comparison, finished, experiment_dir, notes=notes)
-    return SweepResult(experiment_dir=experiment_dir, comparison=comparison, histories=histories,
-                       paths=paths, concurrency=concurrency, failed=failed, stopped=stopped,
-                       resumed=resumed)
+        reported: dict[str, list[dict[str, Any]]] = {}
+        errors: dict[str, str] = {}
+        for result in results:
+            slug = result.config["trial"]["slug"] if result.config else None
+            if slug is None:
+                continue
+            if result.error is not None:
+                errors[slug] = root_cause_line(result.error)
+            frame = result.metrics_dataframe
+            if frame is not None and "epoch" in frame:
+                records = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
+                reported[slug] = records.to_dict("records")
+        histories: dict[str, list[dict[str, Any]]] = {}
+        failed, stopped = [], []
+        for spec in specs:
+            history = read_json(f"{settings.runs_dir}/{spec.slug}/{HISTORY_FILE}")
+            if history is None:
+                # Not finished: keep what it reported to Tune (the table counts it as unfinished).
+                history = reported.get(spec.slug, [])
+                if asha and history and spec.slug not in errors:
+                    stopped.append(f"{spec.slug}: stopped by ASHA after epoch {history[-1]['epoch']}")
+                else:
+                    failed.append(f"{spec.slug}: {errors.get(spec.slug, 'did not finish')}")
+            histories[spec.slug] = history
+        trials = [(spec, histories[spec.slug]) for spec in specs]
+        planned = {configuration: plan.schedule.total_epochs for configuration, plan in plans.items()}
+        comparison = compare(trials, planned_epochs=planned, target_accuracy=target_accuracy,
+                             configurations=space.configurations())
+        finished = {row.configuration: [histories[TrialSpec(row.configuration, seed).slug]
+                                        for seed in row.seeds]
+                    for row in comparison.rows}
+        notes = [f"Sweep `{name}`: {len(space.configurations())} configurations x "
+                 f"{_count(len(space.seeds), 'seed')} ({', '.join(map(str, space.seeds))}), "
+                 f"{_count(len(specs), 'trial')}; "
+                 f"{schedule.num_stages} stages x {_epochs_text(schedule)} epochs, {dataset_size:,} training "
+                 f"rows, model {model}.",
+                 f"Concurrency: {concurrency.reason}."]
+        if failed:
+            notes.append(f"Unfinished trials: {'; '.join(failed)}.")
+        if stopped:
+            notes.append(f"Stopped early: {'; '.join(stopped)}.")
+        paths = write_comparison(comparison, finished, experiment_dir, notes=notes)
+        return SweepResult(experiment_dir=experiment_dir, comparison=comparison, histories=histories,
+                           paths=paths, concurrency=concurrency, failed=failed, stopped=stopped,
+                           resumed=resumed)
 
 
 # Small helpers

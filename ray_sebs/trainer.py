@@ -24,6 +24,7 @@ import datetime
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +38,13 @@ from ray.train.torch import TorchTrainer
 
 from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
 from ray_sebs.console import RunConsole
-from ray_sebs.errors import ConfigError, InvariantError, NonFiniteLossError, require_int
+from ray_sebs.errors import (
+    CheckpointError,
+    ConfigError,
+    InvariantError,
+    NonFiniteLossError,
+    require_int,
+)
 from ray_sebs.history import change_totals, worker_seconds
 from ray_sebs.loop import (
     CHECKPOINT_FILE,
@@ -62,7 +69,9 @@ from ray_sebs.resources import (
     size_worker_resources,
     worker_capacity,
 )
+from ray_sebs.runlock import RunLock
 from ray_sebs.schedule import ScheduleConfig
+from ray_sebs.storage import exists, local_path, upload_dir
 
 if TYPE_CHECKING:
     import ray.data
@@ -70,6 +79,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "sebs_run.json"
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train 2.60's record of a run's registered checkpoints, in the run directory; a run
+without it has no checkpoint to resume from."""
 DEFAULT_STORAGE_PATH = "./sebs_runs"
 
 
@@ -118,7 +130,10 @@ class SEBSTrainer:
             checkpointed, which every run does (the next segment starts from there).
         console: Print one line per epoch and a live progress line within long epochs in this
             process (:mod:`ray_sebs.console`), as ``ray-sebs train`` does. Either way TensorBoard
-            scalars are written as each epoch ends.
+            scalars are written as each epoch ends (:func:`run_tensorboard`).
+        lock: Hold the run directory's lock (:mod:`ray_sebs.runlock`) while fitting, so that a
+            second driver with the same name is refused. A sweep's trials pass ``False``: the
+            sweep holds the lock of the directory above theirs.
     """
 
     def __init__(
@@ -136,6 +151,7 @@ class SEBSTrainer:
         checkpoint_every_epochs: int | None = None,
         checkpoint_every_s: float | None = DEFAULT_CHECKPOINT_EVERY_S,
         console: bool = False,
+        lock: bool = True,
     ) -> None:
         if "train" not in datasets:
             raise ConfigError("datasets", sorted(datasets), "has no 'train' dataset",
@@ -166,6 +182,7 @@ class SEBSTrainer:
         self.checkpoint_every_epochs = checkpoint_every_epochs
         self.checkpoint_every_s = checkpoint_every_s
         self.console = console
+        self.lock = lock
         self._plan: ElasticPlan | None = None
 
     def plan(self) -> ElasticPlan:
@@ -185,6 +202,13 @@ class SEBSTrainer:
         name = self.run_config.name or default_run_name(plan)
         storage_path = absolute_storage_path(self.run_config.storage_path or DEFAULT_STORAGE_PATH)
         run_dir = f"{storage_path.rstrip('/')}/{name}"
+        with RunLock(run_dir, name=name) if self.lock else contextlib.nullcontext():
+            return self._fit_locked(plan, name, storage_path, run_dir, resources, data_cpus)
+
+    def _fit_locked(self, plan: ElasticPlan, name: str, storage_path: str, run_dir: str,
+                    resources: Mapping[str, float], data_cpus: float) -> SEBSResult:
+        """:meth:`fit` once the run directory is this driver's."""
+        cluster = plan.cluster
         record = load_run_record(run_dir)
         fingerprint = schedule_fingerprint(plan, model_factory=self.model_factory,
                                            optimizer=self.optimizer)
@@ -195,6 +219,7 @@ class SEBSTrainer:
             save_run_record(run_dir, record)
         else:
             refuse_other_settings("run", name, record["fingerprint"], fingerprint)
+            check_resume_checkpoint(run_dir)
         capacity = worker_capacity(cluster, resources, reserved_cpus=data_cpus)
         shortage = describe_worker_shortage(plan, capacity, resources, reserved_cpus=data_cpus)
         if shortage:
@@ -212,16 +237,14 @@ class SEBSTrainer:
                     len(plan.segments), len(plan.stages), plan.total_updates, run_dir)
 
         started = time.perf_counter()
-        tensorboard = live_tensorboard(run_dir)
         try:
-            with controller_poll_interval(plan.peak_workers), RunConsole(
-                    print_lines=self.console,
-                    on_epoch=(tensorboard.add,) if tensorboard else ()) as console:
+            with run_tensorboard(run_dir) as tensorboard, controller_poll_interval(plan.peak_workers), \
+                    RunConsole(print_lines=self.console, on_epoch=(tensorboard.add,)) as console:
                 result = self._fit_segments(plan, run_config, record, run_dir, capacity, console.queue)
         finally:
-            if tensorboard:
-                tensorboard.close()
-            if prefetch:
+            # Not after an interruption shut Ray down: the request went with the driver, and a
+            # Ray call would start a new local Ray.
+            if prefetch and ray.is_initialized():
                 release_resource_request()
         checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
         if checkpoint is None:
@@ -305,15 +328,35 @@ def controller_poll_interval(peak_workers: int) -> Iterator[None]:
         os.environ.pop(CONTROLLER_POLL_ENV, None)
 
 
-def live_tensorboard(run_dir: str) -> TensorBoardWriter | None:
-    """A TensorBoard writer in ``<run_dir>/tensorboard`` when the run directory is on local disk
-    (or ``file://``); ``None`` on object storage, which tensorboardX does not reach by itself."""
-    path = run_dir.removeprefix("file://")
-    if "://" in path:
-        logger.warning("TensorBoard scalars are not written to %s (only local paths and file://)",
-                       run_dir)
-        return None
-    return TensorBoardWriter(os.path.join(path, TENSORBOARD_DIR))
+@contextlib.contextmanager
+def run_tensorboard(run_dir: str) -> Iterator[TensorBoardWriter]:
+    """A TensorBoard writer whose event files end up in ``<run_dir>/tensorboard``.
+
+    On local disk (a path or a ``file://`` URI) they are written there as each epoch ends, so
+    ``tensorboard --logdir`` follows a live run. tensorboardX does not reach other storage
+    (``s3://``, ``gs://``, ...) by itself: there the events are written to a local temporary
+    directory and uploaded through :mod:`ray_sebs.storage` when the run ends, also when it fails,
+    so those runs have TensorBoard files after the run, not during it.
+    """
+    local = local_path(run_dir)
+    if local is not None:
+        writer = TensorBoardWriter(os.path.join(local, TENSORBOARD_DIR))
+        try:
+            yield writer
+        finally:
+            writer.close()
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-sebs-tensorboard-") as scratch:
+        writer = TensorBoardWriter(scratch)
+        try:
+            yield writer
+        finally:
+            writer.close()
+            destination = f"{run_dir.rstrip('/')}/{TENSORBOARD_DIR}"
+            try:
+                upload_dir(scratch, destination)
+            except OSError as error:  # the run's own outcome matters more than its scalars
+                logger.warning("TensorBoard scalars could not be uploaded to %s: %s", destination, error)
 
 
 def default_run_name(plan: ElasticPlan) -> str:
@@ -392,10 +435,42 @@ def latest_recorded_checkpoint(record: Mapping[str, Any]) -> ray.train.Checkpoin
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """The tensors and counters of a ray-sebs checkpoint."""
-    with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu",
-                          weights_only=False)
+    """The tensors and counters of a ray-sebs checkpoint; :class:`CheckpointError` naming the
+    file when it cannot be read (cut short, missing, not a ray-sebs checkpoint)."""
+    path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    try:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu",
+                               weights_only=False)
+        if not isinstance(state, dict) or "state" not in state:
+            raise ValueError("it holds no ray-sebs training state")
+    except Exception as error:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ...
+        detail = next((line.strip() for line in str(error).splitlines() if line.strip()),
+                      type(error).__name__)
+        raise CheckpointError(
+            f"the checkpoint file {path} cannot be read ({detail}); restore it, or start a new run "
+            "with another --name") from None
+    return state
+
+
+def check_resume_checkpoint(run_dir: str) -> None:
+    """Read the checkpoint that Ray Train will resume this run from before any worker starts.
+
+    Ray Train's next ``fit()`` hands every worker the newest checkpoint its checkpoint manager
+    registered (``ray.train.Result.from_path`` names the same one). A file there that cannot be
+    loaded (storage that lost or cut it) would fail in every worker, be retried as a worker
+    failure until ``max_failures`` is spent, and end in a torch traceback; here it is one
+    :class:`CheckpointError` naming the file. The driver checks, not the loop, because the
+    driver can stop the run before Ray retries anything. It fails rather than falls back to an
+    older checkpoint: which checkpoint the workers get is Ray Train's choice, with no public way
+    to pass another. Only a resumed run is checked (once per :meth:`SEBSTrainer.fit`), so a new
+    run never reads a checkpoint in the driver.
+    """
+    if not exists(f"{run_dir}/{RAY_CHECKPOINT_SNAPSHOT}"):
+        return
+    checkpoint = ray.train.Result.from_path(run_dir).checkpoint
+    if checkpoint is not None:
+        load_checkpoint_state(checkpoint)
 
 
 def load_history(checkpoint: ray.train.Checkpoint) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ import ray
 import ray.cloudpickle
 import ray.train
 import torch
+from processes import end_session, run_in_session
 from ray.train import FailureConfig, RunConfig
 from toy_problem import make_rows, small_model, to_dataset
 
@@ -233,36 +234,6 @@ def registered_states(run_dir: Path) -> list[dict[str, Any]]:
     return states
 
 
-def session_processes(session: int) -> list[int]:
-    """Live processes of a session (Linux ``/proc``): a process started with
-    ``start_new_session=True`` and everything it started, Ray's daemons and workers included."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        state, _, _, sid = stat[stat.rindex(")") + 2:].split()[:4]
-        if int(sid) == session and state != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def end_session(session: int, grace_s: float = 20.0) -> None:
-    """SIGKILL the session's process group, give the rest ``grace_s`` to follow, then SIGKILL each
-    one left (all of them started by the test's driver process)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(session, signal.SIGKILL)
-    deadline = time.monotonic() + grace_s
-    while session_processes(session) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in session_processes(session):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def epochs_printed(output: str) -> set[int]:
     return {int(match) for match in re.findall(r"epoch +(\d+) +stage", output)}
 
@@ -317,12 +288,8 @@ def test_a_killed_driver_resumes_without_retraining_and_a_changed_command_is_ref
     whole = (latest / CHECKPOINT_FILE).read_bytes()
     (partial / CHECKPOINT_FILE).write_bytes(whole[:len(whole) // 2])
 
-    rerun = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=env, cwd=tmp_path, start_new_session=True)
-    try:
-        output, errors = rerun.communicate(timeout=300)
-    finally:
-        end_session(rerun.pid)
+    rerun = run_in_session(command, env=env, cwd=tmp_path, timeout=300)
+    output, errors = rerun.stdout, rerun.stderr
     assert rerun.returncode == 0, output[-3000:] + errors[-3000:]
     history = json.loads((run_dir / "history.json").read_text())
     assert [entry["epoch"] for entry in history] == list(range(plan.schedule.total_epochs))
