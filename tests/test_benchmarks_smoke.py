@@ -92,3 +92,12 @@ def test_gpu_throughput_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert "bare on-device samples/s" in output and "bare copy samples/s" in output
     assert "n/a (no --precision yet)" in output  # the bf16 rows of ray-sebs
     assert "|     8 |      fp32 |" in output and "|    16 |      bf16 |" in output
+
+
+@pytest.mark.ray
+def test_vs_handwritten_smoke() -> None:
+    # Fresh processes with their own local Ray (what the script compares), not the module's.
+    output = run_script("vs_handwritten.py")
+    assert "ray-sebs train --max-workers 1" in output
+    assert "handwritten, checkpoint every epoch" in output
+    assert "ratio of medians" in output
