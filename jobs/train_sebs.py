@@ -9,7 +9,7 @@ Inside a job, Ray sets RAY_ADDRESS, so the run joins the cluster the job runs on
 
 import sys
 
-from ray_sebs.cli import main
+from ray_sebs.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

@@ -11,7 +11,7 @@ sweep: finished trials are kept.
 
 import sys
 
-from ray_sebs.cli import main
+from ray_sebs.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    run(["tune", *sys.argv[1:]])

@@ -345,14 +345,16 @@ def _failures() -> tuple[type[BaseException], ...]:
     return (SEBSError,) if training_failed is None else (SEBSError, training_failed)
 
 
-def run() -> NoReturn:
-    """Console-script entry point.
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """Console-script and job entry point: :func:`main`, then the process ends.
 
-    After an interruption the process ends with ``os._exit``: a thread of the command may still
+    Ray is shut down first: a local Ray the command started would otherwise keep the interpreter
+    waiting at exit (its client retries the gone GCS for 60 s, then the process exits 1). After
+    an interruption the process ends with ``os._exit``: a thread of the command may still
     be inside Ray's C++ client, and interpreter shutdown under it can abort the process (status
     134) instead of exiting with the status the signal calls for.
     """
-    status = main()
+    status = main(argv)
     shutdown_ray()
     if status in INTERRUPTED_STATUSES:
         sys.stdout.flush()
