@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-CLEANUP_WAIT_S = 30.0
+CLEANUP_WAIT_S = 60.0
 """How long the command's thread may take to clean up after Ray is shut down."""
 POLL_S = 0.2
 
