@@ -145,8 +145,8 @@ class ChangeTotals:
 
     def describe(self) -> str:
         """``1 resize (12.3 s), 0 recoveries``: the words every summary uses."""
-        return (f"{_count(self.resizes, 'resize')} ({self.resize_time_s:.1f} s), "
-                f"{_count(self.recoveries, 'recovery', 'recoveries')}"
+        return (f"{count_noun(self.resizes, 'resize')} ({self.resize_time_s:.1f} s), "
+                f"{count_noun(self.recoveries, 'recovery', 'recoveries')}"
                 + (f" ({self.recovery_time_s:.1f} s)" if self.recoveries else ""))
 
 
@@ -190,5 +190,6 @@ def first_reaching(history: History, target: float) -> int | None:
     return None
 
 
-def _count(number: int, noun: str, plural: str | None = None) -> str:
+def count_noun(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 resize``, ``2 resizes``, ``0 recoveries``."""
     return f"{number} {noun if number == 1 else plural or noun + 's'}"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ray_sebs.errors import ConfigError
+from ray_sebs.history import count_noun
 from ray_sebs.plan import ClusterConfig, ElasticPlan
 
 AUTOSCALING_ENV = "RAY_SEBS_AUTOSCALING"
@@ -214,8 +215,7 @@ def choose_concurrency(cluster_resources: Mapping[str, float], cluster: ClusterC
         auto = min(auto, by_gpu)
     auto = max(1, min(auto, num_trials))
     bundle_text = ", ".join(f"{amount:g} {name}" for name, amount in bundle.items())
-    workers = f"{peak_workers} worker{'' if peak_workers == 1 else 's'}"
-    reason = (f"each trial peaks at {workers} of {bundle_text} ({sizing}); "
+    reason = (f"each trial peaks at {count_noun(peak_workers, 'worker')} of {bundle_text} ({sizing}); "
               + "; ".join(limits) + f"; {num_trials} trials")
     if max_concurrent_trials is not None:
         chosen = max_concurrent_trials

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ray_sebs.comparison import Comparison, check_target_accuracy, compare
 from ray_sebs.comparison_report import write_comparison
 from ray_sebs.errors import ConfigError, root_cause_line
+from ray_sebs.history import count_noun
 from ray_sebs.plan import ClusterConfig
 from ray_sebs.records import read_record, refuse_other_settings, write_record
 from ray_sebs.resources import (
@@ -329,8 +330,8 @@ def run_sweep(
                                         for seed in row.seeds]
                     for row in comparison.rows}
         notes = [f"Sweep `{name}`: {len(space.configurations())} configurations x "
-                 f"{_count(len(space.seeds), 'seed')} ({', '.join(map(str, space.seeds))}), "
-                 f"{_count(len(specs), 'trial')}; "
+                 f"{count_noun(len(space.seeds), 'seed')} ({', '.join(map(str, space.seeds))}), "
+                 f"{count_noun(len(specs), 'trial')}; "
                  f"{schedule.num_stages} stages x {_epochs_text(schedule)} epochs, {dataset_size:,} training "
                  f"rows, model {model}.",
                  f"Concurrency: {concurrency.reason}."]
@@ -379,5 +380,3 @@ def _epochs_text(schedule: ScheduleConfig) -> str:
     return str(epochs[0]) if len(set(epochs)) == 1 else ",".join(map(str, epochs))
 
 
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
