@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from ray_sebs.data import DatasetConfig, synthetic_arrays
-from ray_sebs.loop import EpochTally, cross_entropy_per_sample, train_update
+from ray_sebs.loop import EpochTally, UpdateRule, train_update
 from ray_sebs.models import build_model
+from ray_sebs.objective import classification
 from ray_sebs.plan import decompose
 
 TARGET = 1.05
@@ -93,11 +94,11 @@ def measure_case(case: Case, args: argparse.Namespace, device: torch.device) -> 
 
     def run_sebs(updates: int) -> None:
         tally = EpochTally(device=device, updates_before=0)  # both made once per epoch in the loop
-        loss_scale = torch.tensor(split.loss_scale, device=device)
+        rule = UpdateRule.for_epoch(split.loss_scale, 1, micro_batches, device)
         for index in range(updates):
             features, labels = batches[index % len(batches)]
-            train_update(sebs_model, sebs_optimizer, cross_entropy_per_sample, features, labels,
-                         micro_batches, loss_scale, tally)
+            train_update(sebs_model, sebs_optimizer, OBJECTIVE, {"features": features, "label": labels},
+                         rule, tally)
 
     def run_bare(updates: int) -> None:
         for index in range(updates):
@@ -123,6 +124,10 @@ def measure_case(case: Case, args: argparse.Namespace, device: torch.device) -> 
             "split": split.describe(), "same": "yes" if same else "NO"}
 
 
+OBJECTIVE = classification()
+"""The loop's built-in objective: cross-entropy over ``features`` and ``label``."""
+
+
 def timed(run: Callable[[int], None], updates: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,8 +143,10 @@ def check_same_update(fresh: Callable[[], tuple[nn.Module, torch.optim.Optimizer
                       loss_scale: float, device: torch.device) -> bool:
     """Both variants do the same work: one update from the same weights gives the same weights."""
     (sebs_model, sebs_optimizer), (bare_model, bare_optimizer) = fresh(), fresh()
-    train_update(sebs_model, sebs_optimizer, cross_entropy_per_sample, *batch, micro_batches,
-                 torch.tensor(loss_scale, device=device), EpochTally(device=device, updates_before=0))
+    features, labels = batch
+    train_update(sebs_model, sebs_optimizer, OBJECTIVE, {"features": features, "label": labels},
+                 UpdateRule.for_epoch(loss_scale, 1, micro_batches, device),
+                 EpochTally(device=device, updates_before=0))
     bare_update(bare_model, bare_optimizer, *batch, micro_batches)
     return all(torch.allclose(a, b, rtol=1e-4, atol=1e-6)
                for a, b in zip(sebs_model.parameters(), bare_model.parameters(), strict=True))

@@ -43,8 +43,9 @@ from torch import nn
 
 from ray_sebs import ClusterConfig, ScheduleConfig
 from ray_sebs.errors import ConfigError
-from ray_sebs.loop import EpochTally, cross_entropy_per_sample, train_update
+from ray_sebs.loop import EpochTally, UpdateRule, train_update
 from ray_sebs.models import build_model
+from ray_sebs.objective import classification
 from ray_sebs.plan import BatchDecomposition, ElasticPlan, build_plan, decompose
 
 DEFAULT_BANDWIDTH_GBPS = 100.0  # one 100 Gb/s-class NIC per GPU (InfiniBand HDR100 / 100 GbE)
@@ -133,13 +134,14 @@ def time_updates(model: nn.Module, optimizer: torch.optim.Optimizer, split: Batc
                  batch: tuple[torch.Tensor, torch.Tensor], updates: int, device: torch.device) -> float:
     """Seconds per update of the loop's own ``train_update``."""
     tally = EpochTally(device=device, updates_before=0)
-    loss_scale = torch.tensor(split.loss_scale, device=device)
-    micro_batches = split.rank_micro_batches(rank)
+    # world size 1 here: this process times one rank's update without an all-reduce.
+    rule = UpdateRule.for_epoch(split.loss_scale, 1, split.rank_micro_batches(rank), device)
+    objective, (features, labels) = classification(), batch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     for _ in range(updates):
-        train_update(model, optimizer, cross_entropy_per_sample, *batch, micro_batches, loss_scale, tally)
+        train_update(model, optimizer, objective, {"features": features, "label": labels}, rule, tally)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / updates

@@ -56,11 +56,16 @@ class EpochRecord(TypedDict):
     samples: int
     """Samples of the run so far."""
     train_loss: float
-    """Mean training loss over the epoch's samples."""
+    """Mean training loss over the epoch: per row, or per unit of a summed loss's count."""
+    train_loss_count: float
+    """What :attr:`train_loss` is a mean over: the epoch's rows, or the sum of the counts of a
+    loss summed with its count (e.g. target tokens)."""
     validation_loss: float
-    """NaN without a validation dataset."""
+    """The validation metric ``loss``; NaN without a validation dataset."""
     validation_accuracy: float
-    """NaN without a validation dataset."""
+    """The validation metric ``accuracy``; NaN without one (or without a validation dataset)."""
+    validation_metrics: dict[str, float]
+    """Every validation metric, exact over the whole validation set; empty without one."""
     epoch_time_s: float
     """Seconds from the epoch's first batch request to the end of its evaluation."""
     samples_per_s: float
@@ -75,7 +80,18 @@ class EpochRecord(TypedDict):
 
 
 HISTORY_COLUMNS: tuple[str, ...] = tuple(EpochRecord.__annotations__)
-"""The record's fields in order: the columns of ``history.csv``."""
+"""The record's fields in order."""
+METRICS_FIELD = "validation_metrics"
+"""The record's one field that is a mapping: ``history.csv`` spreads it over
+``validation_<name>`` columns (:func:`flat_record`)."""
+
+
+def flat_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with every validation metric as its own ``validation_<name>`` field."""
+    flat = {name: value for name, value in record.items() if name != METRICS_FIELD}
+    for name, value in (record.get(METRICS_FIELD) or {}).items():
+        flat.setdefault(f"validation_{name}", value)
+    return flat
 
 History = Sequence[Mapping[str, Any]]
 """One run's records, one per epoch, in order."""

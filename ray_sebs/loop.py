@@ -8,11 +8,19 @@ thing read from the live cluster is the world size, which picks the plan's decom
 
 One update, on every rank:
 
-1. pull ``rank_samples[rank]`` rows from the Ray Data shard (one batch of the iterator);
+1. pull ``rank_samples[rank]`` rows from the Ray Data shard (one batch of the iterator, a dict
+   of tensors with every column of the dataset);
 2. split them into ``accumulation_steps`` micro-batches of at most ``max_micro_batch`` rows;
-3. backward the *summed* per-sample loss times ``world_size / B`` on each micro-batch, under
-   DDP's ``no_sync()`` on all but the last, so gradients are all-reduced once per update;
-4. step the optimizer: the gradient is exactly the mean over the stage's ``B`` samples.
+3. backward each micro-batch's *summed* loss (:mod:`ray_sebs.objective`), under DDP's
+   ``no_sync()`` on all but the last, so gradients are all-reduced once per update. A per-row
+   loss is scaled by ``world_size / B``: DDP's average over ranks is then the mean over ``B``
+   rows. A loss summed with its own count (e.g. tokens) is scaled by ``world_size``: DDP's
+   average is then the global sum, which is divided by the update's global count, all-reduced
+   once per update. Dividing the summed gradient equals scaling each backward by
+   ``world_size / count`` (backward is linear), without knowing the count before the forward;
+4. clip the global gradient norm (the same on every rank: it is taken after the all-reduce) and
+   step the optimizer: the gradient is exactly the mean over the stage's ``B`` samples (or over
+   the global batch's count).
 
 Ranks pull whole update batches rather than micro-batches from the iterator so that uneven splits
 (``B`` not divisible by the world size, or a rank's share not divisible by the accumulation steps)
@@ -29,7 +37,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -42,6 +51,7 @@ from torch import nn
 from ray_sebs.console import ProgressSender
 from ray_sebs.errors import CheckpointError, InvariantError
 from ray_sebs.history import EpochRecord
+from ray_sebs.objective import Batch, Objective, RowSum, Summed, batch_rows, slice_rows, sum_and_count
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ElasticPlan
 from ray_sebs.report import format_epoch
@@ -54,21 +64,9 @@ NON_FINITE = "non_finite"
 """Key of :func:`train_segment`'s return value when the loss stopped being finite: the arguments of
 :class:`~ray_sebs.errors.NonFiniteLossError`, which the driver raises."""
 EVAL_BATCH_SIZE = 1024
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``loss_fn(logits, labels)`` returns one loss per sample (``reduction="none"``)."""
-
-
-def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits, labels, reduction="none")
-
-
-def summed_loss(loss_fn: LossFn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``loss_fn(logits, labels).sum()``; for the default cross-entropy, its fused sum (one kernel
-    fewer forward and backward: about 7% of an update of a small MLP)."""
-    if loss_fn is cross_entropy_per_sample:
-        return nn.functional.cross_entropy(logits, labels, reduction="sum")
-    return loss_fn(logits, labels).sum()
+PRECISIONS = ("fp32", "bf16")
+"""``fp32``; or ``bf16``: forward and loss under ``torch.autocast`` to bfloat16 (weights, gradients
+and optimizer state stay fp32)."""
 
 
 @dataclass
@@ -89,9 +87,11 @@ class SegmentConfig:
     segment_index: int
     model_factory: Callable[[], nn.Module]
     optimizer: OptimizerConfig
-    loss_fn: LossFn
+    objective: Objective
     seed: int
     has_validation: bool
+    precision: str = "fp32"
+    """One of :data:`PRECISIONS`."""
     workers: int | None = None
     """Workers the driver asked for: the segment's target, or fewer when the cluster cannot place
     it (the driver has warned about that). ``None``: the target."""
@@ -123,6 +123,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
+    autocast = precision_context(config.precision, device)
     started_at = time.time()
     # Where a worker group's start-up goes, logged by rank 0 at its first update: on a resize this
     # is the part of the restart that the loop itself (not Ray Train) spends.
@@ -199,7 +200,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         epoch_started = time.perf_counter()
         data_wait = 0.0
         tally = EpochTally(device=device, updates_before=state.updates)
-        loss_scale = torch.tensor(split.loss_scale, device=device)
+        rule = UpdateRule.for_epoch(split.loss_scale, world_size, micro_batches, device,
+                                    clip_grad_norm=config.optimizer.clip_grad_norm, autocast=autocast)
         batches = first_batches if epoch == resume_epoch else epoch_batches(
             train_shard, split.rank_samples[rank], shuffle_seed=epoch_seed(config.seed, epoch, rank))
         for update in range(split.updates_per_epoch):
@@ -208,12 +210,11 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             data_wait += time.perf_counter() - waited_from
             if first_update_at is None:
                 startup.append(("first batch", time.perf_counter()))
-            features, labels = batch["features"], batch["label"]
-            if len(labels) != split.rank_samples[rank]:
-                raise InvariantError(f"rank {rank} got {len(labels)} rows for an update that needs "
+            rows = batch_rows(batch)
+            if rows != split.rank_samples[rank]:
+                raise InvariantError(f"rank {rank} got {rows} rows for an update that needs "
                                      f"{split.rank_samples[rank]}")
-            train_update(model, optimizer, config.loss_fn, features, labels, micro_batches,
-                         loss_scale, tally)
+            train_update(model, optimizer, config.objective, batch, rule, tally)
             if progress.due():
                 progress.send_progress(epoch=epoch, updates_done=update + 1,
                                        updates_total=split.updates_per_epoch,
@@ -232,9 +233,10 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         epoch_updates = split.updates_per_epoch
         rows_per_update = tally.rows_per_update
         # Summing each rank's smallest and largest update bounds every update's global row count.
-        totals = all_reduce_sum(torch.tensor(
-            [tally.loss_sum().item(), sum(rows_per_update), min(rows_per_update, default=0),
-             max(rows_per_update, default=0)], dtype=torch.float64, device=device))
+        totals = all_reduce_sum(torch.stack([
+            tally.loss_sum().double(), tally.count_sum(),
+            *torch.tensor([sum(rows_per_update), min(rows_per_update, default=0),
+                           max(rows_per_update, default=0)], dtype=torch.float64, device=device)]))
         epochs_since_checkpoint += 1
         # Rank 0's clock decides a time-based checkpoint for every rank (reports are collective).
         due_by_time = rank == 0 and config.checkpoint_every_s is not None \
@@ -248,15 +250,14 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             return {NON_FINITE: {"stage": stage.index, "update": int(bad),
                                  "global_batch_size": stage.global_batch_size, "epoch": epoch,
                                  "checkpoint_epoch": checkpointed_epoch}}
-        epoch_samples = int(totals[1].item())
+        epoch_samples = int(totals[2].item())
         if epoch_samples != epoch_updates * stage.global_batch_size:
             raise InvariantError(f"epoch {epoch} used {epoch_samples} samples for {epoch_updates} "
                                  f"updates of {stage.global_batch_size}")
         state.updates += epoch_updates
         state.samples += epoch_samples
-        validation_loss, validation_accuracy = (
-            evaluate(module, validation, config.loss_fn, device, rank, world_size)
-            if validation is not None else (math.nan, math.nan))
+        validation_metrics = evaluate(module, validation, config.objective, rank, world_size,
+                                      autocast) if validation is not None else {}
         epoch_time = time.perf_counter() - epoch_started
         record = EpochRecord(
             epoch=epoch,
@@ -268,14 +269,16 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             target_workers=segment.workers,
             micro_batch_size=split.micro_batch_size,
             accumulation_steps=split.accumulation_steps,
-            samples_per_update_min=int(totals[2].item()),
-            samples_per_update_max=int(totals[3].item()),
+            samples_per_update_min=int(totals[3].item()),
+            samples_per_update_max=int(totals[4].item()),
             epoch_updates=epoch_updates,
             updates=state.updates,
             samples=state.samples,
-            train_loss=float(totals[0].item()) / max(epoch_samples, 1),
-            validation_loss=validation_loss,
-            validation_accuracy=validation_accuracy,
+            train_loss=float(totals[0].item()) / max(float(totals[1].item()), 1.0),
+            train_loss_count=float(totals[1].item()),
+            validation_loss=validation_metrics.get("loss", math.nan),
+            validation_accuracy=validation_metrics.get("accuracy", math.nan),
+            validation_metrics=validation_metrics,
             epoch_time_s=epoch_time,
             samples_per_s=epoch_samples / train_time if train_time > 0 else math.nan,
             data_wait_fraction=data_wait / epoch_time if epoch_time > 0 else 0.0,
@@ -323,6 +326,37 @@ def epoch_batches(shard: Any, rows: int, shuffle_seed: int) -> Iterator[dict[str
         local_shuffle_seed=shuffle_seed))
 
 
+def precision_context(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """A context manager factory for the forward and the loss at ``precision``."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """How this rank makes every update of an epoch; built once per epoch, since tensors made per
+    update cost ~5% of a small MLP's update."""
+
+    micro_batches: tuple[int, ...]
+    """Sizes of this rank's micro-batches (:meth:`~ray_sebs.plan.BatchDecomposition.rank_micro_batches`)."""
+    row_scale: torch.Tensor
+    """``world_size / B`` on the device: the factor on a summed per-row loss."""
+    world_scale: torch.Tensor
+    """``world_size`` on the device: the factor on a loss summed with its own count."""
+    clip_grad_norm: float | None = None
+    autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+
+    @classmethod
+    def for_epoch(cls, loss_scale: float, world_size: int, micro_batches: tuple[int, ...],
+                  device: torch.device, *, clip_grad_norm: float | None = None,
+                  autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+                  ) -> UpdateRule:
+        return cls(micro_batches=micro_batches, row_scale=torch.tensor(loss_scale, device=device),
+                   world_scale=torch.tensor(float(world_size), device=device),
+                   clip_grad_norm=clip_grad_norm, autocast=autocast)
+
+
 @dataclass
 class EpochTally:
     """One rank's record of an epoch's updates, summed once at the end of the epoch.
@@ -336,6 +370,8 @@ class EpochTally:
     """Updates the run made before this epoch."""
     step_losses: list[torch.Tensor] = field(default_factory=list)
     """The summed loss of every micro-step, in order, as device scalars."""
+    step_counts: list[torch.Tensor | int | float] = field(default_factory=list)
+    """What each micro-step's loss sums over: its rows, or the count of a :class:`Summed` loss."""
     rows_per_update: list[int] = field(default_factory=list)
     """Rows each update used on this rank: counted, not assumed (the invariant's evidence)."""
 
@@ -343,6 +379,10 @@ class EpochTally:
         if not self.step_losses:
             return torch.zeros((), device=self.device)
         return torch.stack(self.step_losses).sum()
+
+    def count_sum(self) -> torch.Tensor:
+        """The epoch's count on this rank, a float64 device scalar."""
+        return count_tensor(self.step_counts, self.device)
 
     def first_bad_update(self) -> torch.Tensor:
         """Run-wide number (1-based) of the first update whose loss was not finite; -1 if none."""
@@ -355,31 +395,55 @@ class EpochTally:
         return torch.where(bad.any(), first, -1)
 
 
-def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-                 features: torch.Tensor, labels: torch.Tensor, micro_batches: Sequence[int],
-                 loss_scale: torch.Tensor, tally: EpochTally) -> None:
+def count_tensor(counts: list[torch.Tensor | int | float], device: torch.device) -> torch.Tensor:
+    """The sum of ``counts`` (numbers and device tensors) as a float64 scalar on ``device``."""
+    numbers = sum(count for count in counts if not isinstance(count, torch.Tensor))
+    tensors = [count.double().reshape(()) for count in counts if isinstance(count, torch.Tensor)]
+    total = torch.tensor(float(numbers), dtype=torch.float64, device=device)
+    return total + torch.stack(tensors).sum() if tensors else total
+
+
+def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
+                 batch: Batch, rule: UpdateRule, tally: EpochTally) -> None:
     """Steps 2-4 of one update on this rank: micro-batches, weighted backward, one optimizer step.
 
-    ``micro_batches`` are the sizes of this rank's micro-batches and ``loss_scale`` the factor on
-    their summed loss (:class:`~ray_sebs.plan.BatchDecomposition`), a scalar tensor on the device
-    made once per epoch (making it per update costs ~5% of a small MLP's update). A DDP ``model``
-    all-reduces only on the last micro-batch; a bare module (one worker) never does.
+    A DDP ``model`` all-reduces only on the last micro-batch; a bare module (one worker) never
+    does. Every micro-step of an update must return the same loss form.
     """
     no_sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) \
         else contextlib.nullcontext
     offset = rows = 0
-    for step, size in enumerate(micro_batches):
-        sync = step == len(micro_batches) - 1
-        whole = size == len(labels)  # one micro-batch: no slicing
-        micro_features = features if whole else features[offset:offset + size]
-        micro_labels = labels if whole else labels[offset:offset + size]
+    per_row: bool | None = None
+    update_counts: list[torch.Tensor | int | float] = []
+    for step, size in enumerate(rule.micro_batches):
+        sync = step == len(rule.micro_batches) - 1
+        micro_batch = batch if size == batch_rows(batch) else slice_rows(batch, offset, offset + size)
         with contextlib.nullcontext() if sync else no_sync():
-            step_loss = summed_loss(loss_fn, model(micro_features), micro_labels)
-            # The gradient of loss_scale * step_loss, without a multiply node in the graph.
-            step_loss.backward(loss_scale)
+            with rule.autocast():
+                output = objective.loss(model, micro_batch)
+            step_loss, count = sum_and_count(output, size, "batch_loss_fn")
+            step_per_row = isinstance(output, RowSum) or not isinstance(output, Summed)
+            if per_row is not None and step_per_row != per_row:
+                raise InvariantError("batch_loss_fn returned per-row losses for one micro-batch "
+                                     "and Summed for another; return one form")
+            per_row = step_per_row
+            # The gradient of scale * step_loss, without a multiply node in the graph.
+            step_loss.backward(rule.row_scale if per_row else rule.world_scale)
         tally.step_losses.append(step_loss.detach())
+        tally.step_counts.append(count if per_row or not isinstance(count, torch.Tensor)
+                                 else count.detach())
+        update_counts.append(tally.step_counts[-1])
         offset += size
-        rows += len(micro_labels)
+        rows += size
+    if not per_row:
+        # The gradient is now the sum over the global batch; divide it by the global count.
+        global_count = all_reduce_sum(count_tensor(update_counts, rule.world_scale.device))
+        divisor = global_count.clamp(min=1.0)
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter.grad.div_(divisor.to(parameter.grad.dtype))
+    if rule.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), rule.clip_grad_norm)
     tally.rows_per_update.append(rows)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -406,26 +470,53 @@ def report_epoch(record: EpochRecord, state: TrainState, module: nn.Module,
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def evaluate(module: nn.Module, validation: Any, loss_fn: LossFn, device: torch.device,
-             rank: int, world_size: int) -> tuple[float, float]:
-    """Loss and accuracy over the whole validation set, each rank taking every W-th batch.
+def evaluate(module: nn.Module, validation: Any, objective: Objective, rank: int, world_size: int,
+             autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+             ) -> dict[str, float]:
+    """Every metric over the whole validation set, each rank taking every W-th batch.
 
     The validation dataset is not split between workers and is read in a fixed order, so the
-    round-robin covers every row exactly once; the sums are all-reduced.
+    round-robin covers every row exactly once. Each metric is summed with its count on each rank
+    and the sums are combined across ranks (gathered as numbers: a rank that drew no batch does
+    not know the metrics' names), so every metric is exact, whatever its form.
     """
     module.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, rows
+    sums: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for index, batch in enumerate(validation.iter_torch_batches(batch_size=EVAL_BATCH_SIZE)):
             if index % world_size != rank:
                 continue
-            logits = module(batch["features"])
-            sums[0] += loss_fn(logits, batch["label"]).sum().double()
-            sums[1] += (logits.argmax(dim=1) == batch["label"]).sum().double()
-            sums[2] += len(batch["label"])
-    sums = all_reduce_sum(sums)
-    rows = sums[2].item()
-    return (sums[0].item() / rows, sums[1].item() / rows) if rows else (math.nan, math.nan)
+            with autocast():
+                metrics = objective.evaluate(module, batch)
+            rows = batch_rows(batch)
+            for name, value in metrics.items():
+                total, count = sum_and_count(value, rows, f"eval_fn[{name!r}]")
+                pair = [total.double(), count_tensor([count], total.device)]
+                sums[name] = [a + b for a, b in zip(sums[name], pair, strict=True)] \
+                    if name in sums else pair
+    local = {name: (total.item(), count.item()) for name, (total, count) in sums.items()}
+    return combine_metric_sums(gather_objects(local, world_size))
+
+
+def gather_objects(value: Any, world_size: int) -> list[Any]:
+    """``value`` from every rank, in rank order (just ``[value]`` outside a process group)."""
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def combine_metric_sums(per_rank: list[Mapping[str, tuple[float, float]]]) -> dict[str, float]:
+    """Each metric's total over its count, summed over ranks; NaN for a zero count."""
+    totals: dict[str, list[float]] = {}
+    for sums in per_rank:
+        for name, (total, count) in sums.items():
+            pair = totals.setdefault(name, [0.0, 0.0])
+            pair[0] += total
+            pair[1] += count
+    return {name: total / count if count else math.nan
+            for name, (total, count) in sorted(totals.items())}
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,9 @@ class OptimizerConfig:
     """Momentum of ``momentum``; ignored by the others."""
     weight_decay: float = 0.0
     """L2 penalty (decoupled for ``adamw``)."""
+    clip_grad_norm: float | None = None
+    """Largest global L2 norm of the full accumulated gradient of an update (after the all-reduce:
+    the mean over all ``B_s`` samples); a larger one is scaled down to it. ``None``: no clipping."""
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -33,6 +37,11 @@ class OptimizerConfig:
             raise ConfigError("momentum", self.momentum, "must be in [0, 1)", "use e.g. 0.9")
         if not self.weight_decay >= 0:
             raise ConfigError("weight_decay", self.weight_decay, "must be >= 0", "use e.g. 0 or 1e-4")
+        if self.clip_grad_norm is not None and (
+                isinstance(self.clip_grad_norm, bool) or not isinstance(self.clip_grad_norm, int | float)
+                or not math.isfinite(self.clip_grad_norm) or self.clip_grad_norm <= 0):
+            raise ConfigError("clip_grad_norm", self.clip_grad_norm, "must be a finite number > 0",
+                              "use e.g. 1.0, or leave it unset for no clipping")
 
     def build(self, parameters: Any, learning_rate: float) -> torch.optim.Optimizer:
         import torch

@@ -9,7 +9,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
-from ray_sebs.history import HISTORY_COLUMNS, RECOVERY, clock_origin, epoch_clock, worker_group_changes
+from ray_sebs.history import (
+    HISTORY_COLUMNS,
+    METRICS_FIELD,
+    RECOVERY,
+    clock_origin,
+    epoch_clock,
+    flat_record,
+    worker_group_changes,
+)
 from ray_sebs.storage import exists, write_bytes
 
 
@@ -25,12 +33,15 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def format_epoch(record: dict[str, Any]) -> str:
     """One progress line per epoch."""
     accuracy = record["validation_accuracy"]
+    # A run without accuracy (a language model, a regression) shows its validation loss instead.
+    validation = f"val acc {accuracy:.4f}" if not math.isnan(accuracy) else (
+        f"val loss {record['validation_loss']:.4f}" if not math.isnan(record["validation_loss"])
+        else "val acc -")
     return (f"epoch {record['epoch']:>3}  stage {record['stage']}  batch {record['global_batch_size']:>5}  "
             f"lr {record['learning_rate']:.4g}  workers {record['world_size']}  "
             f"{record['micro_batch_size']}x{record['accumulation_steps']}  "
             f"updates {record['updates']:>6}  train loss {record['train_loss']:.4f}  "
-            f"val acc {'-' if math.isnan(accuracy) else f'{accuracy:.4f}'}  "
-            f"{record['epoch_time_s']:.1f}s  data wait {record['data_wait_fraction']:.0%}")
+            f"{validation}  {record['epoch_time_s']:.1f}s  data wait {record['data_wait_fraction']:.0%}")
 
 
 def stage_table(history: Sequence[dict[str, Any]]) -> str:
@@ -62,10 +73,13 @@ def write_history(history: Sequence[Mapping[str, Any]], run_dir: str) -> dict[st
     base = run_dir.rstrip("/")
     paths = {"json": f"{base}/history.json", "csv": f"{base}/history.csv"}
     write_bytes(paths["json"], json.dumps(list(history), indent=2).encode())
+    rows = [flat_record(record) for record in history]
+    columns = [name for name in HISTORY_COLUMNS if name != METRICS_FIELD]
+    columns += sorted({name for row in rows for name in row} - set(columns))
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(history)
+    writer.writerows(rows)
     write_bytes(paths["csv"], table.getvalue().encode())
     image = io.BytesIO()
     plot_curves(history, image)
@@ -153,10 +167,12 @@ class TensorBoardWriter:
         self.writer = SummaryWriter(log_dir, flush_secs=5)
 
     def add(self, record: Mapping[str, Any]) -> None:
-        for name in TENSORBOARD_SCALARS:
-            value = record.get(name)
+        scalars = {f"sebs/{name}": record.get(name) for name in TENSORBOARD_SCALARS}
+        scalars |= {f"validation/{name}": value
+                    for name, value in (record.get(METRICS_FIELD) or {}).items()}
+        for tag, value in scalars.items():
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                self.writer.add_scalar(f"sebs/{name}", value, global_step=record["updates"])
+                self.writer.add_scalar(tag, value, global_step=record["updates"])
         self.writer.flush()
 
     def close(self) -> None:

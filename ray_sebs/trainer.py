@@ -46,13 +46,16 @@ from ray_sebs.errors import (
     require_int,
 )
 from ray_sebs.history import change_totals, worker_seconds
-from ray_sebs.loop import (
-    CHECKPOINT_FILE,
-    NON_FINITE,
+from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, PRECISIONS, SegmentConfig, train_segment
+from ray_sebs.objective import (
+    BatchLossFn,
     LossFn,
-    SegmentConfig,
+    MetricsFn,
+    Objective,
+    batch_rows,
+    classification,
     cross_entropy_per_sample,
-    train_segment,
+    sum_and_count,
 )
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
@@ -105,8 +108,9 @@ class SEBSTrainer:
 
     Args:
         model_factory: Builds a fresh ``torch.nn.Module`` on each worker; it must be picklable.
-        datasets: Ray Datasets with columns ``features`` (float array) and ``label`` (int): a
-            ``"train"`` dataset and optionally a ``"validation"`` one.
+        datasets: A ``"train"`` Ray Dataset and optionally a ``"validation"`` one, with any
+            columns ``batch_loss_fn`` reads; without it, ``features`` (float array) and ``label``
+            (int) for the classification path.
         schedule: The stagewise schedule (SEBS, SSGD or constant).
         cluster: Worker bounds, micro-batch cap, GPUs and per-worker resources. When
             ``resources_per_worker`` is unset, the CPUs per worker are sized from the cluster so
@@ -114,8 +118,21 @@ class SEBSTrainer:
             whose target the cluster cannot place runs on the workers it can (one warning); a
             ``min_workers`` it cannot place fails before any fit.
         optimizer: An optimizer name or an :class:`OptimizerConfig`.
-        loss_fn: ``loss_fn(logits, labels)`` returning one loss per sample; cross-entropy by
-            default. ray-sebs sums and weights it so each update is the mean over exactly B.
+        loss_fn: The classification path's ``loss_fn(logits, labels)`` returning one loss per
+            sample; cross-entropy by default. ray-sebs sums and weights it so each update is the
+            mean over exactly B. Not with ``batch_loss_fn``.
+        batch_loss_fn: ``batch_loss_fn(model, batch)`` for any model and columns: ``batch`` is a
+            dict of tensors on the worker's device; it returns one loss per row, or
+            :class:`~ray_sebs.objective.Summed` ``(total, count)`` (e.g. over tokens), and every
+            update is the exact mean over the global batch either way
+            (:mod:`ray_sebs.objective`). ``None``: the classification path.
+        eval_fn: ``eval_fn(model, batch)`` returning ``{name: per-row tensor | Summed}``, each
+            aggregated exactly over the validation set; ``loss`` and ``accuracy`` fill the
+            history's ``validation_loss`` and ``validation_accuracy``. ``None``: the loss (and, on
+            the classification path, the accuracy).
+        precision: ``fp32``, or ``bf16``: the forward and the loss under ``torch.autocast`` to
+            bfloat16 (on GPUs, and on CPUs where torch supports it); weights, gradients and the
+            optimizer stay fp32.
         run_config: Ray's ``RunConfig``: ``name``, ``storage_path`` (shared storage on a multi-node
             cluster), ``failure_config``, ``callbacks``. Its ``checkpoint_config`` is replaced:
             ray-sebs checkpoints at epoch ends, as the next two arguments say.
@@ -145,6 +162,9 @@ class SEBSTrainer:
         cluster: ClusterConfig | None = None,
         optimizer: str | OptimizerConfig = "sgd",
         loss_fn: LossFn | None = None,
+        batch_loss_fn: BatchLossFn | None = None,
+        eval_fn: MetricsFn | None = None,
+        precision: str = "fp32",
         run_config: RunConfig | None = None,
         seed: int = 0,
         prefetch_lead_time_s: float | None = DEFAULT_LEAD_TIME_S,
@@ -166,7 +186,23 @@ class SEBSTrainer:
         self.cluster = cluster or ClusterConfig()
         self.optimizer = optimizer if isinstance(optimizer, OptimizerConfig) \
             else OptimizerConfig(name=optimizer)
-        self.loss_fn = loss_fn or cross_entropy_per_sample
+        if loss_fn is not None and batch_loss_fn is not None:
+            raise ConfigError("loss_fn", loss_fn, "is given with batch_loss_fn",
+                              "give batch_loss_fn(model, batch) alone: it computes the whole loss")
+        if precision not in PRECISIONS:
+            raise ConfigError("precision", precision, "is not a precision ray-sebs trains at",
+                              f"use one of {', '.join(PRECISIONS)}")
+        if precision == "bf16" and not (cluster and cluster.use_gpu) \
+                and not torch.amp.is_autocast_available("cpu"):
+            raise ConfigError("precision", precision, "needs CPU autocast, which this torch lacks",
+                              "use fp32, or a torch build with CPU autocast")
+        if batch_loss_fn is None:
+            objective = classification(loss_fn or cross_entropy_per_sample)
+            self.objective = replace(objective, metrics=eval_fn or objective.metrics)
+        else:
+            self.objective = Objective(loss=batch_loss_fn, metrics=eval_fn)
+        self.precision = precision
+        self.custom_objective = batch_loss_fn is not None or eval_fn is not None
         self.run_config = run_config or RunConfig()
         self.seed = seed
         self.prefetch_lead_time_s = prefetch_lead_time_s
@@ -194,6 +230,8 @@ class SEBSTrainer:
     def fit(self) -> SEBSResult:
         """Run every segment of the plan; resumes a run of the same name where it stopped."""
         plan = self.plan()
+        if self.custom_objective:
+            check_objective(self.model_factory, self.objective, self.datasets)
         resources = ray.cluster_resources()
         cluster = size_worker_resources(plan.cluster, plan.peak_workers, resources)
         data_cpus = data_cpu_reserve(self.datasets)
@@ -278,8 +316,9 @@ class SEBSTrainer:
                 use_gpu=cluster.use_gpu, resources_per_worker=cluster.worker_bundle())
             loop_config = SegmentConfig(
                 plan=plan, segment_index=segment.index, model_factory=self.model_factory,
-                optimizer=self.optimizer, loss_fn=self.loss_fn, seed=self.seed,
-                has_validation="validation" in self.datasets, workers=workers,
+                optimizer=self.optimizer, objective=self.objective, seed=self.seed,
+                has_validation="validation" in self.datasets, precision=self.precision,
+                workers=workers,
                 checkpoint_every_epochs=self.checkpoint_every_epochs,
                 checkpoint_every_s=self.checkpoint_every_s, progress_queue=progress_queue,
                 report_every_epoch=bool(run_config.callbacks))
@@ -302,6 +341,39 @@ class SEBSTrainer:
                 "checkpoint": result.checkpoint.path if result.checkpoint else None}
             save_run_record(run_dir, record)
         return result
+
+
+def check_objective(model_factory: Callable[[], torch.nn.Module], objective: Objective,
+                    datasets: Mapping[str, ray.data.Dataset], rows: int = 2) -> None:
+    """Run the loss, its backward and the metrics once, on the driver's CPU, on the first
+    ``rows`` rows of each dataset, before any worker starts: a missing column, a loss of the wrong
+    shape or a function that fails is one :class:`ConfigError` here rather than a worker failure
+    that Ray retries."""
+    model = model_factory()
+    checks = [("train", "batch_loss_fn", objective.loss)]
+    if "validation" in datasets:
+        checks.append(("validation", "eval_fn" if objective.metrics else "batch_loss_fn",
+                       objective.evaluate))
+    for dataset_name, field_name, function in checks:
+        batch = next(iter(datasets[dataset_name].iter_torch_batches(batch_size=rows)))
+        count = batch_rows(batch)
+        try:
+            output = function(model, batch)
+            if dataset_name == "train":
+                total, _ = sum_and_count(output, count, field_name)
+                total.backward()
+            else:
+                for metric, value in output.items():
+                    sum_and_count(value, count, f"eval_fn[{metric!r}]")
+        except ConfigError:
+            raise
+        except Exception as error:  # the user's code: any error, reported in one line
+            detail = next((line for line in str(error).splitlines() if line.strip()), "")
+            raise ConfigError(
+                field_name, getattr(function, "__qualname__", repr(function)),
+                f"fails on {count} rows of the {dataset_name} dataset (columns "
+                f"{', '.join(batch)}): {type(error).__name__}: {detail}",
+                "fix the function, or give the dataset the columns it reads") from None
 
 
 def validation_in_order(datasets: Mapping[str, Any]) -> DataConfig:
