@@ -61,7 +61,8 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Summed
     return Summed(losses[valid.reshape(-1)].sum(), valid.sum())
 
 
-def reference_step(rows: list[dict[str, np.ndarray]], lr: float) -> tuple[dict[str, torch.Tensor], float, int]:
+def reference_step(rows: list[dict[str, np.ndarray]],
+                   lr: float) -> tuple[dict[str, torch.Tensor], float, int]:
     """One SGD step on the mean token loss over the whole batch, in one process."""
     model = bigram_model()
     batch = {"tokens": torch.from_numpy(np.stack([row["tokens"] for row in rows]))}
