@@ -20,6 +20,7 @@ from ray.train import FailureConfig, RunConfig
 
 from ray_sebs import ClusterConfig, ConfigError, ScheduleConfig
 from ray_sebs.objective import Summed
+from ray_sebs.optim import OptimizerConfig
 from ray_sebs.report import write_history
 from ray_sebs.trainer import SEBSTrainer, load_checkpoint_state
 
@@ -61,26 +62,34 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Summed
     return Summed(losses[valid.reshape(-1)].sum(), valid.sum())
 
 
-def reference_step(rows: list[dict[str, np.ndarray]],
-                   lr: float) -> tuple[dict[str, torch.Tensor], float, int]:
-    """One SGD step on the mean token loss over the whole batch, in one process."""
+def reference_step(rows: list[dict[str, np.ndarray]], lr: float,
+                   clip: float | None = None) -> tuple[dict[str, torch.Tensor], float, int]:
+    """One SGD step on the mean token loss over the whole batch, in one process, its gradient
+    clipped to a global norm of ``clip``."""
     model = bigram_model()
     batch = {"tokens": torch.from_numpy(np.stack([row["tokens"] for row in rows]))}
     summed = token_loss(model, batch)
     loss = summed.total / summed.count
     loss.backward()
+    if clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        assert norm > 2 * clip, "the clip must bind for the test to mean anything"
     with torch.no_grad():
         for parameter in model.parameters():
             parameter -= lr * parameter.grad
     return copy.deepcopy(model.state_dict()), loss.item(), int(summed.count)
 
 
-@pytest.mark.parametrize(("batch", "workers", "max_micro", "expected_accumulation"), [
-    (10, 2, 3, 2),  # two ranks of 5 rows, each as micro-batches 3 + 2, uneven tokens everywhere
-    (9, 1, 4, 3),   # one rank accumulating 3 + 3 + 3
+@pytest.mark.parametrize(("batch", "workers", "max_micro", "expected_accumulation", "clip"), [
+    (10, 2, 3, 2, None),  # two ranks of 5 rows, each as micro-batches 3 + 2, uneven tokens everywhere
+    (9, 1, 4, 3, None),   # one rank accumulating 3 + 3 + 3
+    # Clipped: the norm is of the whole update's gradient, after the all-reduce and the division
+    # by the global count, so it is the single process's norm. (Clipping hides a wrong gradient
+    # scale, hence the unclipped cases above.)
+    (10, 2, 3, 2, 0.05),
 ])
 def test_a_token_weighted_update_equals_the_full_batch_mean_over_tokens(
-        tmp_path, batch, workers, max_micro, expected_accumulation):
+        tmp_path, batch, workers, max_micro, expected_accumulation, clip):
     rows = token_rows(batch, seed=batch)
     trainer = SEBSTrainer(
         bigram_model, datasets={"train": ray.data.from_items(rows)},
@@ -88,14 +97,14 @@ def test_a_token_weighted_update_equals_the_full_batch_mean_over_tokens(
                                 epochs_per_stage=1, learning_rate=0.5),
         cluster=ClusterConfig(min_workers=workers, max_workers=workers, max_micro_batch=max_micro,
                               resources_per_worker={"CPU": 0.5}),
-        batch_loss_fn=token_loss,
+        optimizer=OptimizerConfig(name="sgd", clip_grad_norm=clip), batch_loss_fn=token_loss,
         run_config=RunConfig(name=f"tokens-{batch}-{workers}", storage_path=str(tmp_path),
                              failure_config=FailureConfig(max_failures=0)))
     result = trainer.fit()
     (record,) = result.history
     assert (record["world_size"], record["accumulation_steps"]) == (workers, expected_accumulation)
     assert record["samples_per_update_min"] == record["samples_per_update_max"] == batch
-    expected, expected_loss, tokens = reference_step(rows, lr=0.5)
+    expected, expected_loss, tokens = reference_step(rows, lr=0.5, clip=clip)
     assert record["train_loss_count"] == tokens, "the epoch's loss is a mean over its tokens"
     assert record["train_loss"] == pytest.approx(expected_loss, rel=1e-5)
     trained = load_checkpoint_state(result.checkpoint)["model"]
