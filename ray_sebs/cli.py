@@ -266,7 +266,8 @@ def command_tune(args: argparse.Namespace) -> int:
               f"B1 {configuration.batch_size:<5} updates {plan.total_updates:>7,}  workers "
               f"{' -> '.join(str(s.workers) for s in plan.segments)}", flush=True)
     result = run_sweep(space=space, schedule=base, cluster=cluster, dataset=dataset_config,
-                       dataset_size=data.train_rows, model=args.model, optimizer=optimizer, name=name,
+                       dataset_size=data.train_rows, model=args.model, optimizer=optimizer,
+                       precision=args.precision, name=name,
                        storage_path=args.storage_path, target_accuracy=args.target_accuracy,
                        max_concurrent_trials=args.max_concurrent_trials,
                        data_cpus_per_trial=args.data_cpus_per_trial, max_failures=args.max_failures,
