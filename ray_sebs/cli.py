@@ -186,7 +186,8 @@ def command_train(args: argparse.Namespace) -> int:
         run_config=RunConfig(name=args.name, storage_path=args.storage_path,
                              failure_config=FailureConfig(max_failures=args.max_failures)),
         seed=args.seed, checkpoint_every_epochs=args.checkpoint_every,
-        checkpoint_every_s=args.checkpoint_every_s, precision=args.precision, console=True)
+        checkpoint_every_s=args.checkpoint_every_s, precision=args.precision,
+        cache_data=args.cache_data, console=True)
     try:
         plan = trainer.plan()
     except ConfigError as error:  # --dataset-size is plan's flag; here the rows come from the data
@@ -267,7 +268,7 @@ def command_tune(args: argparse.Namespace) -> int:
               f"{' -> '.join(str(s.workers) for s in plan.segments)}", flush=True)
     result = run_sweep(space=space, schedule=base, cluster=cluster, dataset=dataset_config,
                        dataset_size=data.train_rows, model=args.model, optimizer=optimizer,
-                       precision=args.precision, name=name,
+                       precision=args.precision, cache_data=args.cache_data, name=name,
                        storage_path=args.storage_path, target_accuracy=args.target_accuracy,
                        max_concurrent_trials=args.max_concurrent_trials,
                        data_cpus_per_trial=args.data_cpus_per_trial, max_failures=args.max_failures,

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ray_sebs.data import DATASET_NAMES, DEFAULT_VALIDATION_FRACTION, DatasetConfig
+from ray_sebs.data import CACHE_MODES, DATASET_NAMES, DEFAULT_VALIDATION_FRACTION, DatasetConfig
 from ray_sebs.errors import format_number
-from ray_sebs.optim import OPTIMIZERS, OptimizerConfig
+from ray_sebs.optim import OPTIMIZERS, PRECISIONS, OptimizerConfig
 from ray_sebs.plan import ClusterConfig
 from ray_sebs.resources import DEFAULT_CHECKPOINT_EVERY_S
 from ray_sebs.schedule import LR_SCALINGS, SCHEDULE_KINDS, ScheduleConfig
@@ -29,7 +29,6 @@ DEFAULTS = ScheduleConfig(epochs_per_stage=5)
 DEFAULT_CLUSTER = ClusterConfig()
 DEFAULT_DATASET = DatasetConfig()
 DEFAULT_OPTIMIZER = OptimizerConfig()
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -250,6 +249,10 @@ TRAINING_FLAGS: tuple[Flag, ...] = (
     Flag("--precision", "training", field="precision", choices=PRECISIONS, default="fp32",
          help="bf16: autocast to bfloat16 on GPU, and on CPU where torch supports it "
               "(default: %(default)s)"),
+    Flag("--cache-data", "training", field="cache_data", choices=CACHE_MODES, default="none",
+         help="none streams each rank's Ray Data shard every epoch (data of any size); host or "
+              "device reads the shard once per worker group into host memory or onto the GPU and "
+              "shuffles it by index each epoch, for shards that fit (default: %(default)s)"),
     # The seed of the data split and synthetic data, and of the model's init and the data order.
     Flag("--seed", "training", field="seed", config="dataset", parse=int,
          default=DEFAULT_DATASET.seed, help="seed for data split, init and order"),

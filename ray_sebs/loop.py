@@ -55,6 +55,7 @@ from ray_sebs.objective import Batch, Objective, RowSum, Summed, batch_rows, sli
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ElasticPlan
 from ray_sebs.report import format_epoch
+from ray_sebs.schedule import warmup_factor
 
 logger = logging.getLogger(__name__)
 BatchT = TypeVar("BatchT")
@@ -64,13 +65,8 @@ NON_FINITE = "non_finite"
 """Key of :func:`train_segment`'s return value when the loss stopped being finite: the arguments of
 :class:`~ray_sebs.errors.NonFiniteLossError`, which the driver raises."""
 EVAL_BATCH_SIZE = 1024
-CACHE_MODES = ("none", "host", "device")
-"""Where a rank's update batches come from (:class:`ShardBatches`)."""
 CACHE_LOAD_ROWS = 4096
 """Rows per batch when a cached shard is read in."""
-PRECISIONS = ("fp32", "bf16")
-"""``fp32``; or ``bf16``: forward and loss under ``torch.autocast`` to bfloat16 (weights, gradients
-and optimizer state stay fp32)."""
 
 
 @dataclass
@@ -95,9 +91,9 @@ class SegmentConfig:
     seed: int
     has_validation: bool
     precision: str = "fp32"
-    """One of :data:`PRECISIONS`."""
+    """One of :data:`~ray_sebs.optim.PRECISIONS`."""
     cache_data: str = "none"
-    """One of :data:`CACHE_MODES` (:class:`ShardBatches`)."""
+    """One of :data:`~ray_sebs.data.CACHE_MODES` (:class:`ShardBatches`)."""
     workers: int | None = None
     """Workers the driver asked for: the segment's target, or fewer when the cluster cannot place
     it (the driver has warned about that). ``None``: the target."""
@@ -189,6 +185,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if world_size < asked:
         progress.warning(f"segment {segment.index} asked for {asked} workers but {world_size} are "
                          f"running; every update still uses exactly the global batch")
+    warmup_updates = plan.schedule.config.warmup_updates
     last_checkpoint = time.monotonic()
     epochs_since_checkpoint = 0
     checkpointed_epoch = resume_epoch - 1  # the epoch whose end the latest checkpoint holds
@@ -211,6 +208,10 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         batches = first_batches if epoch == resume_epoch else train_batches.epoch(
             split.rank_samples[rank], shuffle_seed=epoch_seed(config.seed, epoch, rank))
         for update in range(split.updates_per_epoch):
+            run_update = state.updates + update + 1
+            if run_update <= warmup_updates:  # at the last one the factor is 1: the stage's rate
+                for group in optimizer.param_groups:
+                    group["lr"] = stage.learning_rate * warmup_factor(run_update, warmup_updates)
             waited_from = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - waited_from

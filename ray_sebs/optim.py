@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     import torch
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""``fp32``; or ``bf16``: the forward and the loss under ``torch.autocast`` to bfloat16 (weights,
+gradients and optimizer state stay fp32)."""
 """The paper's three (plain SGD, momentum SGD, AdaGrad) plus Adam and AdamW."""
 
 LR_SCALING_OF_OPTIMIZER: dict[str, str] = {

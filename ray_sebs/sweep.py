@@ -87,6 +87,8 @@ class SweepSettings:
     configuration's optimizer)."""
     precision: str = "fp32"
     """``fp32`` or ``bf16`` (``ray-sebs tune --precision``), for every trial."""
+    cache_data: str = "none"
+    """Where every trial's ranks keep their data (``ray-sebs tune --cache-data``)."""
     prefetch_lead_time_s: float | None = None
     """Autoscaler prefetch (:mod:`ray_sebs.autoscale`); only with one trial at a time, since a
     resource request is one target for the whole cluster and concurrent trials would overwrite
@@ -129,7 +131,8 @@ def run_trial(config: dict[str, Any], settings: SweepSettings) -> None:
                              callbacks=[TuneReportCallback()]),
         seed=spec.seed, prefetch_lead_time_s=settings.prefetch_lead_time_s,
         checkpoint_every_epochs=settings.checkpoint_every_epochs,
-        checkpoint_every_s=settings.checkpoint_every_s, precision=settings.precision, lock=False)
+        checkpoint_every_s=settings.checkpoint_every_s, precision=settings.precision,
+        cache_data=settings.cache_data, lock=False)
     result = trainer.fit()
     write_bytes(f"{result.run_dir}/{HISTORY_FILE}", json.dumps(result.history, indent=1).encode())
 
@@ -225,6 +228,7 @@ def run_sweep(
     model: str = "mlp",
     optimizer: OptimizerConfig | None = None,
     precision: str = "fp32",
+    cache_data: str = "none",
     name: str,
     storage_path: str,
     target_accuracy: float | None = None,
@@ -241,7 +245,7 @@ def run_sweep(
 
     ``optimizer`` gives every trial its momentum, weight decay and clipping (default:
     :class:`OptimizerConfig`'s); each trial's configuration names the optimizer. ``precision``
-    (``fp32`` or ``bf16``) is every trial's.
+    (``fp32`` or ``bf16``) and ``cache_data`` are every trial's.
 
     ``dataset_size`` is the training rows of ``dataset`` (the split's size does not depend on
     the seed); every configuration is planned with it before any trial starts. With ``asha``,
@@ -282,7 +286,8 @@ def run_sweep(
 
         settings = SweepSettings(
             schedule=schedule, cluster=sized, dataset=dataset, model=model, optimizer=optimizer,
-            precision=precision, runs_dir=f"{experiment_dir}/{RUNS_DIR}", max_failures=max_failures,
+            precision=precision, cache_data=cache_data, runs_dir=f"{experiment_dir}/{RUNS_DIR}",
+            max_failures=max_failures,
             checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_every_s=checkpoint_every_s,
             prefetch_lead_time_s=None if concurrency.max_concurrent_trials > 1 else _default_lead_time())
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),

@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
 from ray_sebs.console import RunConsole
+from ray_sebs.data import CACHE_MODES
 from ray_sebs.errors import (
     CheckpointError,
     ConfigError,
@@ -46,14 +47,7 @@ from ray_sebs.errors import (
     require_int,
 )
 from ray_sebs.history import change_totals, worker_seconds
-from ray_sebs.loop import (
-    CACHE_MODES,
-    CHECKPOINT_FILE,
-    NON_FINITE,
-    PRECISIONS,
-    SegmentConfig,
-    train_segment,
-)
+from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, SegmentConfig, train_segment
 from ray_sebs.objective import (
     BatchLossFn,
     LossFn,
@@ -64,7 +58,7 @@ from ray_sebs.objective import (
     cross_entropy_per_sample,
     sum_and_count,
 )
-from ray_sebs.optim import OptimizerConfig
+from ray_sebs.optim import PRECISIONS, OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.records import read_record, refuse_other_settings, write_record
 from ray_sebs.report import TENSORBOARD_DIR, TensorBoardWriter
@@ -194,10 +188,11 @@ class SEBSTrainer:
                               "use only 'train' and 'validation'")
         self.model_factory = model_factory
         self.datasets = dict(datasets)
-        self.schedule = schedule
         self.cluster = cluster or ClusterConfig()
         self.optimizer = optimizer if isinstance(optimizer, OptimizerConfig) \
             else OptimizerConfig(name=optimizer)
+        # lr_scaling=None follows the optimizer: sqrt for Adam and AdamW, linear for the others.
+        self.schedule = schedule.for_optimizer(self.optimizer.name)
         if loss_fn is not None and batch_loss_fn is not None:
             raise ConfigError("loss_fn", loss_fn, "is given with batch_loss_fn",
                               "give batch_loss_fn(model, batch) alone: it computes the whole loss")
