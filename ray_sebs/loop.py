@@ -460,15 +460,14 @@ class EpochTally:
     steps_per_update: list[int] = field(default_factory=list)
     """Micro-steps of each update (one more on an update split to measure the noise)."""
     noise_estimates: list[torch.Tensor] = field(default_factory=list)
-    """``[|G|^2, tr(Sigma)]`` estimated by each measuring update (:func:`noise_estimate`)."""
+    """``[|G|^2, tr(Sigma), 1]`` estimated by each measuring update, or zeros where it could not
+    (:func:`noise_estimate`)."""
 
     def noise_sums(self) -> torch.Tensor:
         """``[sum |G|^2, sum tr(Sigma), measurements]`` of the epoch on this rank, float64."""
         if not self.noise_estimates:
             return torch.zeros(3, dtype=torch.float64, device=self.device)
-        estimates = torch.stack(self.noise_estimates).double()
-        return torch.cat([estimates.sum(dim=0),
-                          torch.tensor([float(len(estimates))], dtype=torch.float64, device=self.device)])
+        return torch.stack(self.noise_estimates).double().sum(dim=0)
 
     def loss_sum(self) -> torch.Tensor:
         if not self.step_losses:
@@ -572,14 +571,18 @@ def gradient_norm_squared(model: nn.Module) -> torch.Tensor:
 
 def noise_estimate(small_norm_sq: torch.Tensor, small_batch: torch.Tensor, big_norm_sq: torch.Tensor,
                    big_batch: torch.Tensor) -> torch.Tensor:
-    """``[|G|^2, tr(Sigma)]`` from the squared norms of two mean gradients of one update, over
+    """``[|G|^2, tr(Sigma), 1]`` from the squared norms of two mean gradients of one update, over
     ``small_batch`` and ``big_batch`` units (rows, or a summed loss's count): McCandlish et al.
     2018, Appendix A, from ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``. Each is unbiased; their ratio,
-    the noise scale, is taken only after averaging (:func:`smooth_noise`)."""
+    the noise scale, is taken only after averaging (:func:`smooth_noise`). Zeros (no
+    measurement) where the two batches do not differ, e.g. a first micro-batch of padding only;
+    decided on the device, without a host sync."""
     small_batch, big_batch = small_batch.double(), big_batch.double()
+    valid = (small_batch > 0) & (big_batch > small_batch)
     squared = (big_batch * big_norm_sq - small_batch * small_norm_sq) / (big_batch - small_batch)
     trace = (small_norm_sq - big_norm_sq) / (1 / small_batch - 1 / big_batch)
-    return torch.stack([squared, trace])
+    estimate = torch.stack([squared, trace, torch.ones_like(squared)])
+    return torch.where(valid, torch.nan_to_num(estimate), torch.zeros_like(estimate))
 
 
 def smooth_noise(previous: tuple[float, float] | None, sums: list[float]) -> tuple[float, float] | None:

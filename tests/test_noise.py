@@ -13,6 +13,7 @@ import torch
 from ray_sebs.loop import (
     EpochTally,
     UpdateRule,
+    noise_estimate,
     noise_scale,
     smooth_noise,
     train_update,
@@ -69,6 +70,8 @@ def test_the_estimates_average_to_the_exact_gradient_norm_and_trace(loss, batch,
     assert measurements == 6000
     assert tally.steps_per_update[0] == max(2, len(micro_batches))
     assert tally.rows_per_update == [batch] * len(tally.rows_per_update)
+    unmeasurable = noise_estimate(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(2.0), torch.tensor(8.0))
+    assert unmeasurable.tolist() == [0.0, 0.0, 0.0], "a first micro-batch of no units measures nothing"
     exact_squared, exact_trace = exact_noise(features, targets, weights)
     assert squared / measurements == pytest.approx(exact_squared, rel=0.1)
     assert trace / measurements == pytest.approx(exact_trace, rel=0.1)
