@@ -71,9 +71,9 @@ NON_FINITE = "non_finite"
 """Key of :func:`train_segment`'s return value when the loss stopped being finite: the arguments of
 :class:`~ray_sebs.errors.NonFiniteLossError`, which the driver raises."""
 EVAL_BATCH_SIZE = 1024
-NOISE_SAMPLE_EVERY = 16
-"""One update in this many measures the gradient noise (two gradient norms; a split into two
-micro-batches when the update has one, which on a small model costs most of an update)."""
+NOISE_SAMPLE_EVERY = 32
+"""One update in this many measures the gradient noise: two gradient norms, and a split into two
+micro-batches when the update has one, which on a small model costs about one more update."""
 NOISE_SMOOTHING = 0.5
 """Weight of the previous epochs in the noise scale's moving averages (of ``|G|^2`` and
 ``tr(Sigma)``, each over an epoch's measurements first)."""
@@ -459,15 +459,16 @@ class EpochTally:
     """Rows each update used on this rank: counted, not assumed (the invariant's evidence)."""
     steps_per_update: list[int] = field(default_factory=list)
     """Micro-steps of each update (one more on an update split to measure the noise)."""
-    noise_estimates: list[torch.Tensor] = field(default_factory=list)
-    """``[|G|^2, tr(Sigma), 1]`` estimated by each measuring update, or zeros where it could not
-    (:func:`noise_estimate`)."""
+    noise_measurements: list[torch.Tensor] = field(default_factory=list)
+    """``[small |g|^2, small batch, big |g|^2, big batch]`` of each measuring update: the squared
+    norms of its two mean gradients and the units (rows, or a summed loss's count) they are over;
+    turned into estimates once per epoch (:func:`noise_estimate`)."""
 
     def noise_sums(self) -> torch.Tensor:
         """``[sum |G|^2, sum tr(Sigma), measurements]`` of the epoch on this rank, float64."""
-        if not self.noise_estimates:
+        if not self.noise_measurements:
             return torch.zeros(3, dtype=torch.float64, device=self.device)
-        return torch.stack(self.noise_estimates).double().sum(dim=0)
+        return noise_estimate(*torch.stack(self.noise_measurements).double().unbind(dim=1)).sum(dim=0)
 
     def loss_sum(self) -> torch.Tensor:
         if not self.step_losses:
@@ -553,8 +554,8 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
             if parameter.grad is not None:
                 parameter.grad.div_(divisor.to(parameter.grad.dtype))
     if small is not None:
-        tally.noise_estimates.append(noise_estimate(
-            *small, gradient_norm_squared(model), global_units))
+        tally.noise_measurements.append(torch.stack(
+            [*small, gradient_norm_squared(model), global_units.double()]))
     if rule.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), rule.clip_grad_norm)
     tally.rows_per_update.append(rows)
@@ -571,18 +572,18 @@ def gradient_norm_squared(model: nn.Module) -> torch.Tensor:
 
 def noise_estimate(small_norm_sq: torch.Tensor, small_batch: torch.Tensor, big_norm_sq: torch.Tensor,
                    big_batch: torch.Tensor) -> torch.Tensor:
-    """``[|G|^2, tr(Sigma), 1]`` from the squared norms of two mean gradients of one update, over
-    ``small_batch`` and ``big_batch`` units (rows, or a summed loss's count): McCandlish et al.
-    2018, Appendix A, from ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``. Each is unbiased; their ratio,
-    the noise scale, is taken only after averaging (:func:`smooth_noise`). Zeros (no
-    measurement) where the two batches do not differ, e.g. a first micro-batch of padding only;
-    decided on the device, without a host sync."""
-    small_batch, big_batch = small_batch.double(), big_batch.double()
+    """``[|G|^2, tr(Sigma), 1]`` (along the last dimension) from the squared norms of two mean
+    gradients of one update, over ``small_batch`` and ``big_batch`` units (rows, or a summed loss's
+    count): McCandlish et al. 2018, Appendix A, from ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``. Each
+    is unbiased; their ratio, the noise scale, is taken only after averaging
+    (:func:`smooth_noise`). Zeros (no measurement) where the two batches do not differ, e.g. a
+    first micro-batch of padding only. Elementwise: one call turns an epoch's measurements into
+    estimates, on the device."""
     valid = (small_batch > 0) & (big_batch > small_batch)
     squared = (big_batch * big_norm_sq - small_batch * small_norm_sq) / (big_batch - small_batch)
     trace = (small_norm_sq - big_norm_sq) / (1 / small_batch - 1 / big_batch)
-    estimate = torch.stack([squared, trace, torch.ones_like(squared)])
-    return torch.where(valid, torch.nan_to_num(estimate), torch.zeros_like(estimate))
+    estimate = torch.stack([squared, trace, torch.ones_like(squared)], dim=-1)
+    return torch.where(valid[..., None], torch.nan_to_num(estimate), torch.zeros_like(estimate))
 
 
 def smooth_noise(previous: tuple[float, float] | None, sums: list[float]) -> tuple[float, float] | None:
