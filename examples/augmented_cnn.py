@@ -1,6 +1,6 @@
 """Digits with data augmentation in Ray Data, trained with SEBS on ray-sebs's small CNN.
 
-Run it (from the repository root; a local Ray starts in-process, ~2 minutes on 2 CPUs)::
+Run it (from the repository root; a local Ray starts in-process; 2-3 minutes on 2 CPUs)::
 
     python examples/augmented_cnn.py
 

@@ -1,6 +1,6 @@
 """A byte-level GPT trained with SEBS on the Python standard library's own source code.
 
-Run it (from the repository root; a local Ray starts in-process, ~4 minutes on 2 CPUs)::
+Run it (from the repository root; a local Ray starts in-process; 3-4 minutes on 2 CPUs)::
 
     python examples/byte_gpt.py
 
