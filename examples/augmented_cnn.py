@@ -9,10 +9,15 @@ Run it (from the repository root; a local Ray starts in-process; 2-3 minutes on 
 
 The data is scikit-learn's bundled digits (1,797 8x8 images), split and loaded by
 :func:`ray_sebs.data.load_data`. The augmentation (a random crop of the image padded by one pixel
-on each side, and a random horizontal flip) is a ``map_batches`` on the training dataset: Ray Data
+on each side, and optionally a random horizontal flip) is a ``map_batches`` on the training
+dataset: Ray Data
 runs it in its own tasks, streaming, and since the dataset is not materialized it runs again
-every epoch, so each epoch sees new crops and flips. The training loop never sees an
-un-augmented training image and does no augmentation work itself.
+every epoch, so each epoch sees new crops. The training loop never sees an un-augmented
+training image and does no augmentation work itself.
+
+Flipping is off by default: a mirrored digit is mostly not the same digit. Measured here with the
+default schedule (one seed): crops alone reach 0.975 validation accuracy, crops and
+``--flip-probability 0.5`` 0.930.
 
 The loss is the per-row form of ``batch_loss_fn``: cross-entropy with ``reduction="none"``, one
 loss per image, and ray-sebs makes every update the mean over exactly the stage's B_s images,
@@ -99,11 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-micro-batch", type=int, default=64,
                         help="images one worker holds per forward; a larger B_s adds a worker")
     parser.add_argument("--max-workers", type=int, default=2)
-    parser.add_argument("--flip-probability", type=float, default=0.5,
-                        help="chance of a left-right mirror (0 turns flipping off)")
+    parser.add_argument("--flip-probability", type=float, default=0.0,
+                        help="chance of a left-right mirror; off by default: it costs digits accuracy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--address", default=None, help="an existing Ray cluster; default: a local Ray")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--address", default=None,
+                        help="an existing Ray cluster (e.g. auto); unset: a new local Ray")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; unset: all")
     parser.add_argument("--storage-path", default="./sebs_runs")
     parser.add_argument("--name", default=None, help="run name (the same name resumes)")
     args = parser.parse_args(argv)
@@ -141,8 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         functools.partial(random_crop_and_flip, flip_probability=args.flip_probability),
         batch_format="numpy")
     validation = data.validation.map_batches(scale, batch_format="numpy").materialize()
-    print(f"data: digits, {data.train_rows} training images (cropped and flipped by Ray Data every "
-          f"epoch), {data.validation_rows} validation images", flush=True)
+    print(f"data: digits, {data.train_rows} training images (cropped, and flipped with probability "
+          f"{args.flip_probability:g}, by Ray Data every epoch), {data.validation_rows} validation images",
+          flush=True)
 
     trainer = SEBSTrainer(
         functools.partial(build_model, "cnn", data.input_shape, data.num_classes),

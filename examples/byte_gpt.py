@@ -222,8 +222,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="bf16 autocast (CPU or GPU) or plain fp32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--address", default=None, help="an existing Ray cluster; default: a local Ray")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--address", default=None,
+                        help="an existing Ray cluster (e.g. auto); unset: a new local Ray")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; unset: all")
     parser.add_argument("--storage-path", default="./sebs_runs")
     parser.add_argument("--name", default=None, help="run name (the same name resumes)")
     args = parser.parse_args(argv)

@@ -141,7 +141,8 @@ def test_byte_gpt_tiny_counts_every_target_byte_and_learns(tmp_path, capsys):
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_cluster")
 def test_augmented_cnn_tiny_trains_on_augmented_digits(tmp_path, capsys):
-    outcome = augmented_cnn.main(["--tiny", "--storage-path", str(tmp_path), "--name", "cnn"])
+    outcome = augmented_cnn.main(["--tiny", "--flip-probability", "0.5", "--storage-path", str(tmp_path),
+                                  "--name", "cnn"])
     # One worker group (the growth to two workers is byte_gpt's test): B_s 32, then 64.
     history = check_history(outcome["result"], world_sizes=[1, 1])
     for record in history:
