@@ -1,6 +1,6 @@
 """A byte-level GPT trained with SEBS on the Python standard library's own source code.
 
-Run it (from the repository root; a local Ray starts in-process; 3-4 minutes on 2 CPUs)::
+Run it (from the repository root; a local Ray starts in-process; 2-4 minutes on 2 CPUs)::
 
     python examples/byte_gpt.py
 
@@ -20,7 +20,10 @@ the loss little here; with short documents it is most of the loss. Either way it
 run checks that every epoch's all-reduced count is the training set's target bytes.)
 
 The schedule is SEBS with AdamW: the global batch (in rows) doubles every stage, and the stage
-that outgrows one worker's micro-batch runs on two workers.
+that outgrows one worker's micro-batch runs on two workers. ``--precision bf16`` runs the forward
+and the loss under bf16 autocast (the default with ``--use-gpu``); on this project's 2-core CPU
+machine the default run took 68 s of training in bf16 against 49 s in fp32, with the same
+validation loss (2.00 and 2.01 nats per byte), so CPU runs default to fp32.
 """
 
 from __future__ import annotations
@@ -221,8 +224,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-micro-batch", type=int, default=32,
                         help="rows one worker holds per forward; a larger B_s adds a worker")
     parser.add_argument("--max-workers", type=int, default=2)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="bf16 autocast (CPU or GPU) or plain fp32")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
+                        help="bf16 autocast or plain fp32; unset: bf16 with --use-gpu, else fp32 (at "
+                             "this model's width CPU bf16 measured 1.4x slower than fp32, same loss)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", default=None,
                         help="an existing Ray cluster (e.g. auto); unset: a new local Ray")
@@ -230,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storage-path", default="./sebs_runs")
     parser.add_argument("--name", default=None, help="run name (the same name resumes)")
     args = parser.parse_args(argv)
+    if args.precision is None:
+        args.precision = "bf16" if args.use_gpu else "fp32"
     if args.tiny:
         args.source_bytes, args.context, args.d_model, args.layers = 24_000, 32, 32, 1
         args.batch_size, args.stages, args.epochs_per_stage = 16, 2, 1
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         datasets={"train": to_dataset(train_rows), "validation": to_dataset(validation_rows)},
         schedule=schedule,
         cluster=ClusterConfig(min_workers=1, max_workers=args.max_workers,
-                              max_micro_batch=args.max_micro_batch),
+                              max_micro_batch=args.max_micro_batch, use_gpu=args.use_gpu),
         # The learning rate stays fixed across stages (SEBS); clipping the global gradient norm
         # (after the all-reduce) keeps the early, small-batch updates of a transformer in check.
         optimizer=OptimizerConfig(name="adamw", weight_decay=0.1, clip_grad_norm=1.0),

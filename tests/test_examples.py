@@ -122,7 +122,9 @@ def check_history(result, world_sizes: list[int]) -> list[dict]:
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_cluster")
 def test_byte_gpt_tiny_counts_every_target_byte_and_learns(tmp_path, capsys):
-    outcome = byte_gpt.main(["--tiny", "--storage-path", str(tmp_path), "--name", "byte-gpt"])
+    # bf16 here (the CPU default is fp32), so the autocast path runs under test too.
+    outcome = byte_gpt.main(["--tiny", "--precision", "bf16", "--storage-path", str(tmp_path),
+                             "--name", "byte-gpt"])
     history = check_history(outcome["result"], world_sizes=[1, 2])
     # Every epoch uses every row (the rows are a multiple of the last batch), so the loss's
     # count, all-reduced per update and summed per epoch, is the training set's target bytes.
