@@ -6,9 +6,12 @@
    shuffled indexing of) the same rows held as in-memory tensors; and against tuning variants of
    the Ray Data side (no local shuffle, deeper prefetch, a smaller shuffle buffer, more blocks).
    Variants alternate epoch by epoch. A shard's first epoch (the split's start-up) is shown apart.
+   ``--cache-data host`` (:class:`ray_sebs.loop.ShardBatches`: the shard read once, shuffled by
+   index each epoch) is one of the variants.
 2. The data-wait fraction the loop itself reports (``history[*]['data_wait_fraction']``: time
    blocked in ``next(batches)`` over the epoch's time) for a real SEBS run of the CNN on the same
-   data, growing 1 -> 2 workers. Target: < 5% of epoch time.
+   data, growing 1 -> 2 workers, once per ``--cache-data`` mode (streaming, then the host cache).
+   Target: < 5% of epoch time.
 
     python benchmarks/ingest.py [--smoke] [--device cuda]
 """
@@ -30,7 +33,7 @@ import torch
 
 from ray_sebs import ClusterConfig, ScheduleConfig
 from ray_sebs.data import DatasetConfig, load_data
-from ray_sebs.loop import epoch_batches
+from ray_sebs.loop import ShardBatches, epoch_batches
 from ray_sebs.models import build_model
 from ray_sebs.plan import build_plan
 
@@ -58,10 +61,22 @@ def iterator(shuffle: bool = True, buffer: Callable[[int], int] | None = None, *
     return batches
 
 
+def cached(cache: str) -> Batches:
+    """The loop's ``--cache-data`` source: one :class:`ShardBatches` per shard, read on first use."""
+    sources: dict[int, ShardBatches] = {}
+
+    def batches(shard: Any, rows: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        source = sources.setdefault(id(shard), ShardBatches(shard, cache, torch.device("cpu")))
+        return source.epoch(rows, seed)
+
+    return batches
+
+
 def ray_variants(blocks: int) -> dict[str, tuple[str, Batches]]:
     """Name -> (dataset key, iterator factory). ``loop`` is exactly what the training loop uses."""
     return {
         "loop (epoch_batches)": ("base", epoch_batches),
+        "loop --cache-data host": ("base", cached("host")),
         "no local shuffle": ("base", iterator(shuffle=False)),
         "prefetch_batches=4": ("base", iterator(prefetch_batches=4)),
         "shuffle buffer 4*rows": ("base", iterator(buffer=lambda rows: 4 * rows)),
@@ -134,8 +149,8 @@ def measure_iterators(data: Any, batch_sizes: list[int], epochs: int, device: to
     return rows_out, startup
 
 
-def epoch_run(data: Any, args: argparse.Namespace,
-              storage: str) -> tuple[list[tuple[Any, ...]], float, float]:
+def epoch_run(data: Any, args: argparse.Namespace, storage: str,
+              cache_data: str) -> tuple[list[tuple[Any, ...]], float, float]:
     from ray.train import RunConfig
 
     from ray_sebs.trainer import SEBSTrainer
@@ -147,7 +162,8 @@ def epoch_run(data: Any, args: argparse.Namespace,
     datasets = {"train": data.train, "validation": data.validation}
     trainer = SEBSTrainer(functools.partial(build_model, "cnn", data.input_shape, data.num_classes),
                           datasets=datasets, schedule=schedule, cluster=cluster,
-                          run_config=RunConfig(name="ingest-cnn", storage_path=storage), seed=0)
+                          run_config=RunConfig(name=f"ingest-cnn-{cache_data}", storage_path=storage),
+                          seed=0, cache_data=cache_data)
     result = trainer.fit()
     history = result.history
     # The first epoch of each worker group also waits for the group's dataset split to start.
@@ -182,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, default=16, help="blocks of the repartition variant")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--skip-epoch-run", action="store_true", help="only the iterator comparison")
+    parser.add_argument("--cache-modes", default=None,
+                        type=lambda text: [mode for mode in text.split(",") if mode],
+                        help="--cache-data modes of the real-epoch runs, in order (default: none,host; "
+                             "host in --smoke: streaming runs in every other test)")
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.rows = args.rows or (512 if smoke else 4096)
@@ -189,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args.stages = args.stages or (1 if smoke else 3)
     args.epochs_per_stage = args.epochs_per_stage or (1 if smoke else 2)
     args.epochs = args.epochs or (1 if smoke else 5)
+    args.cache_modes = args.cache_modes or (["host"] if smoke else ["none", "host"])
     common.ship_by_value(sys.modules[__name__], common)
     common.start_local_ray(args.num_cpus)
     device = torch.device(args.device)
@@ -211,17 +232,18 @@ def main(argv: list[str] | None = None) -> int:
                         "first batch ms"), rates))
     print("\nfirst epoch of a fresh shard (the split starting up):")
     print(common.table(("source", "rows/update", "epoch s", "first batch s"), startup))
-    if not args.skip_epoch_run:
+    for cache_data in () if args.skip_epoch_run else args.cache_modes:
         with tempfile.TemporaryDirectory() as storage:
-            rows, overall, steady = epoch_run(data, args, storage)
+            rows, overall, steady = epoch_run(data, args, storage, cache_data)
         print(f"\nreal epochs (SEBSTrainer, CNN, B1={args.batch_size}, rho=2, {args.stages} stages x "
-              f"{args.epochs_per_stage} epochs), data wait as the loop reports it:")
+              f"{args.epochs_per_stage} epochs, --cache-data {cache_data}), data wait as the loop "
+              "reports it:")
         print(common.table(("epoch", "stage", "workers", "batch", "micro x accum", "group's first",
                             "epoch s", "samples/s", "data wait"), rows))
         for label, value in (("all epochs", overall),
                              ("epochs after each worker group's first", steady)):
-            print(f"data wait over {label}: {value:.1%} (target < {TARGET_WAIT:.0%}): "
-                  f"{'met' if value < TARGET_WAIT else 'MISSED'}")
+            print(f"--cache-data {cache_data}: data wait over {label}: {value:.1%} "
+                  f"(target < {TARGET_WAIT:.0%}): {'met' if value < TARGET_WAIT else 'MISSED'}")
     print(f"# load average (1 min) at end: {common.load_average():.2f}")
     return 0
 

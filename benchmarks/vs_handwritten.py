@@ -90,7 +90,7 @@ def run_handwritten(checkpoint_every_epoch: bool, storage: str, schedule: dict[s
 
     from ray_sebs.data import DatasetConfig, load_data
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     data = load_data(DatasetConfig())
     trainer = TorchTrainer(
         handwritten_loop,

@@ -21,18 +21,21 @@ from ray_sebs.flags import (
     DATASET_SIZE_FLAG,
     FLAG_OF_FIELD,
     KUBERNETES_FLAGS,
+    OPTIMIZER_FLAGS,
     SCHEDULE_FLAGS,
     SWEEP_FLAGS,
     TRAIN_FLAGS,
     WORKER_FLAGS,
     add_flags,
     cluster_config_from_args,
+    optimizer_config_from_args,
     schedule_config_from_args,
 )
 from ray_sebs.interrupt import STOP_SIGNALS, Interruption, run_interruptible, shutdown_ray
 from ray_sebs.plan import ElasticPlan, build_plan
 from ray_sebs.preflight import check_before_ray, connect_and_load
 from ray_sebs.report import format_table
+from ray_sebs.schedule import LR_SCALING_EXPONENTS, ScheduleConfig
 
 RAY_AUTO_CONNECT_ENV = "RAY_ENABLE_AUTO_CONNECT"
 INTERRUPTED_STATUSES = frozenset(Interruption(signum).exit_code for signum in STOP_SIGNALS)
@@ -45,9 +48,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None, *, compact: bool = False) -> str:
+def lr_rule(config: ScheduleConfig, optimizer: str | None = None) -> str:
+    """The schedule's learning-rate rule in one line, e.g. ``lr rule: sqrt (eta_s = eta_1 *
+    (B_s/B_1)^0.5 / rho^(s-1)), optimizer adamw``, with the warm-up when there is one."""
+    if config.kind == "sebs":
+        scaling = config.resolved_lr_scaling
+        rule = (f"{scaling} (eta_s = eta_1 * (B_s/B_1)^{LR_SCALING_EXPONENTS[scaling]:g} "
+                "/ rho^(s-1))")
+    elif config.kind == "ssgd":
+        rule = "ssgd (eta_s = eta_1 / rho^(s-1))"
+    else:
+        rule = "constant (eta_s = eta_1)"
+    parts = [f"lr rule: {rule}"]
+    if optimizer is not None:
+        parts.append(f"optimizer {optimizer}")
+    if config.warmup_updates:
+        parts.append(f"linear warm-up over {config.warmup_updates:,} updates")
+    return ", ".join(parts)
+
+
+def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None, *, compact: bool = False,
+                optimizer: str | None = None) -> str:
     """The plan as a table, its totals, and the comparison with the SSGD baseline; ``compact``:
-    the table and two lines of totals (the head of ``ray-sebs train``'s console)."""
+    the table and three lines: the learning-rate rule and the totals (the head of ``ray-sebs
+    train``'s console). ``optimizer`` is named in the learning-rate rule's line."""
     header = ("stage", "epochs", "batch", "lr", "workers", "micro x accum", "updates", "samples")
     rows = [
         (str(p.stage.index), str(p.stage.epochs), str(p.stage.global_batch_size),
@@ -60,6 +84,7 @@ def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None, *, compa
     if compact:
         return "\n".join([
             *lines,
+            lr_rule(config, optimizer),
             f"{config.kind}, rho={config.growth_ratio:g}, {plan.schedule.dataset_size:,} training rows, "
             f"{plan.schedule.total_epochs} epochs: {plan.total_updates:,} updates "
             f"({plan.allreduce_rounds:,} all-reduce rounds), {plan.total_samples:,} samples",
@@ -68,6 +93,7 @@ def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None, *, compa
         "",
         f"{config.kind}, rho={config.growth_ratio:g}, {plan.schedule.dataset_size:,} training rows, "
         f"{plan.schedule.total_epochs} epochs",
+        lr_rule(config, optimizer),
         f"updates: {plan.total_updates:,}  (all-reduce rounds: {plan.allreduce_rounds:,})",
         f"samples: {plan.total_samples:,}",
         f"peak workers: {plan.peak_workers}  segments: {len(plan.segments)}  "
@@ -92,7 +118,9 @@ def default_dataset_size() -> int:
 
 
 def command_plan(args: argparse.Namespace) -> int:
-    schedule_config = schedule_config_from_args(args)
+    optimizer = optimizer_config_from_args(args)
+    # --lr-scaling not given: the optimizer's law, as `ray-sebs train` will use it.
+    schedule_config = schedule_config_from_args(args).for_optimizer(optimizer.name)
     cluster = cluster_config_from_args(args)
     dataset_size = args.dataset_size if args.dataset_size is not None else default_dataset_size()
     plan = build_plan(schedule_config, dataset_size, cluster)
@@ -106,7 +134,7 @@ def command_plan(args: argparse.Namespace) -> int:
         # its flag, as for every other field.
         emitted = emit_ray_job(plan, args.emit_kuberay, image=args.image,
                                storage_path=args.storage_path, auth_secret=args.auth_secret,
-                               name=args.job_name, job_args=args.job_args)
+                               name=args.job_name, job_args=args.job_args, optimizer=optimizer)
     if args.json:
         document = plan.to_dict()
         if baseline is not None:
@@ -123,7 +151,7 @@ def command_plan(args: argparse.Namespace) -> int:
                 handle.write(text + "\n")
             print(f"wrote {args.json}")
     if args.json != "-":
-        print(format_plan(plan, baseline))
+        print(format_plan(plan, baseline, optimizer=optimizer.name))
     if emitted:
         print(emitted, file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
@@ -136,14 +164,13 @@ def command_train(args: argparse.Namespace) -> int:
 
     from ray_sebs.history import change_totals
     from ray_sebs.models import build_model
-    from ray_sebs.optim import OptimizerConfig
     from ray_sebs.report import stage_table, write_history
     from ray_sebs.resources import check_gpus
     from ray_sebs.trainer import SEBSTrainer, default_run_name
 
-    schedule_config = schedule_config_from_args(args)
+    optimizer = optimizer_config_from_args(args)
+    schedule_config = schedule_config_from_args(args).for_optimizer(optimizer.name)
     cluster = cluster_config_from_args(args)
-    optimizer = OptimizerConfig(name=args.optimizer)
     dataset_config = check_before_ray(args)
     # Too little data for one batch: the flag to change is --batch-size (or the data).
     data = connect_and_load(args, dataset_config, schedule_config.initial_batch_size,
@@ -159,7 +186,8 @@ def command_train(args: argparse.Namespace) -> int:
         run_config=RunConfig(name=args.name, storage_path=args.storage_path,
                              failure_config=FailureConfig(max_failures=args.max_failures)),
         seed=args.seed, checkpoint_every_epochs=args.checkpoint_every,
-        checkpoint_every_s=args.checkpoint_every_s, console=True)
+        checkpoint_every_s=args.checkpoint_every_s, precision=args.precision,
+        cache_data=args.cache_data, console=True)
     try:
         plan = trainer.plan()
     except ConfigError as error:  # --dataset-size is plan's flag; here the rows come from the data
@@ -171,7 +199,7 @@ def command_train(args: argparse.Namespace) -> int:
     if args.name is None:  # Ray's RunConfig names an unnamed run itself; ours says what it is
         trainer.run_config = dataclasses.replace(trainer.run_config, name=default_run_name(plan))
         args.name = trainer.run_config.name  # what an interruption tells the user to resume
-    print(format_plan(plan, compact=True), flush=True)
+    print(format_plan(plan, compact=True, optimizer=optimizer.name), flush=True)
     print(flush=True)
     result = trainer.fit()
     paths = write_history(result.history, result.run_dir)
@@ -225,8 +253,10 @@ def command_tune(args: argparse.Namespace) -> int:
     name = args.name or f"growth-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     args.name = name  # what an interruption tells the user to resume
     # A resume with other settings fails now, before Ray starts (the data size is checked later).
+    # Each trial's optimizer is the user's, with the trial's --optimizers name.
+    optimizer = optimizer_config_from_args(args)
     check_same_sweep(f"{absolute_storage_path(args.storage_path).rstrip('/')}/{name}", name,
-                     sweep_fingerprint(space, base, dataset_config, args.model))
+                     sweep_fingerprint(space, base, dataset_config, args.model, optimizer=optimizer))
     data = connect_and_load(args, dataset_config, max(space.batch_sizes))
     check_gpus(cluster, ray.cluster_resources())  # else every trial would fail on it
     plans = sweep_plans(space, base, data.train_rows, cluster)
@@ -237,7 +267,8 @@ def command_tune(args: argparse.Namespace) -> int:
               f"B1 {configuration.batch_size:<5} updates {plan.total_updates:>7,}  workers "
               f"{' -> '.join(str(s.workers) for s in plan.segments)}", flush=True)
     result = run_sweep(space=space, schedule=base, cluster=cluster, dataset=dataset_config,
-                       dataset_size=data.train_rows, model=args.model, name=name,
+                       dataset_size=data.train_rows, model=args.model, optimizer=optimizer,
+                       precision=args.precision, cache_data=args.cache_data, name=name,
                        storage_path=args.storage_path, target_accuracy=args.target_accuracy,
                        max_concurrent_trials=args.max_concurrent_trials,
                        data_cpus_per_trial=args.data_cpus_per_trial, max_failures=args.max_failures,
@@ -275,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the stage plan: per stage the global batch, learning rate, workers, "
                     "micro-batch x accumulation, updates and samples; then the totals and the "
                     "updates saved against the SSGD baseline of the same ratio.")
-    add_flags(plan, [*SCHEDULE_FLAGS, DATASET_SIZE_FLAG, *WORKER_FLAGS])
+    add_flags(plan, [*SCHEDULE_FLAGS, DATASET_SIZE_FLAG, *WORKER_FLAGS, *OPTIMIZER_FLAGS])
     plan.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                       help="write the plan as JSON to FILE (or stdout with no FILE)")
     add_flags(plan, KUBERNETES_FLAGS)

@@ -37,6 +37,9 @@ DEFAULT_VALIDATION_FRACTION = 0.2
 """Share of the rows held out for validation when no validation data is given."""
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "synthetic")
+CACHE_MODES: tuple[str, ...] = ("none", "host", "device")
+"""Where a rank's update batches come from (:class:`ray_sebs.loop.ShardBatches`): its Ray Data
+shard streamed every epoch, or the shard read once into host memory or onto the device."""
 """Built-in datasets, chosen with :attr:`DatasetConfig.name`."""
 
 DIGITS_INPUT_SHAPE: tuple[int, int, int] = (1, 8, 8)

@@ -17,17 +17,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ray_sebs.data import DATASET_NAMES, DEFAULT_VALIDATION_FRACTION, DatasetConfig
+from ray_sebs.data import CACHE_MODES, DATASET_NAMES, DEFAULT_VALIDATION_FRACTION, DatasetConfig
 from ray_sebs.errors import format_number
-from ray_sebs.optim import OPTIMIZERS
+from ray_sebs.optim import OPTIMIZERS, PRECISIONS, OptimizerConfig
 from ray_sebs.plan import ClusterConfig
 from ray_sebs.resources import DEFAULT_CHECKPOINT_EVERY_S
-from ray_sebs.schedule import SCHEDULE_KINDS, ScheduleConfig
+from ray_sebs.schedule import LR_SCALINGS, SCHEDULE_KINDS, ScheduleConfig
 
 DEFAULTS = ScheduleConfig(epochs_per_stage=5)
 """The schedule of a command line without schedule flags (5 epochs a stage, not 10)."""
 DEFAULT_CLUSTER = ClusterConfig()
 DEFAULT_DATASET = DatasetConfig()
+DEFAULT_OPTIMIZER = OptimizerConfig()
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class Flag:
     field: str | None = None
     """The field a :class:`~ray_sebs.errors.ConfigError` about this flag's value names."""
     config: str | None = None
-    """The config the flag sets (a key of :data:`CONFIG_CLASSES`); ``None``: a command reads it."""
+    """The config the flag sets: ``schedule``, ``cluster``, ``dataset``, ``optimizer`` (read by
+    :func:`schedule_config_from_args` and its siblings) or ``sweep``; ``None``: a command reads
+    it."""
     attribute: str | None = None
     """The config's attribute, when it is not :attr:`field`."""
     parse: Callable[[str], Any] | None = None
@@ -154,6 +157,14 @@ SCHEDULE_FLAGS: tuple[Flag, ...] = (
          parse=int, default=DEFAULTS.batch_granularity,
          help="round every global batch to a multiple of this, e.g. the worker count "
               "(default: %(default)s)"),
+    Flag("--lr-scaling", "schedule", field="lr_scaling", config="schedule", choices=LR_SCALINGS,
+         help="how SEBS ties the learning rate to the batch: linear keeps lr/batch on SSGD's path, "
+              "sqrt makes lr go with sqrt(batch) (default: linear for sgd/momentum/adagrad, sqrt "
+              "for adam/adamw)"),
+    Flag("--warmup-updates", "schedule", field="warmup_updates", config="schedule", parse=int,
+         default=DEFAULTS.warmup_updates,
+         help="warm the learning rate up linearly from 0 over the run's first N updates "
+              "(default: %(default)s, none)"),
 )
 
 DATASET_SIZE_FLAG = Flag(
@@ -213,12 +224,35 @@ DATA_FLAGS: tuple[Flag, ...] = (
               "(default: flat features)"),
 )
 
+OPTIMIZER_FLAGS: tuple[Flag, ...] = (
+    Flag("--optimizer", "training", field="optimizer", config="optimizer", attribute="name",
+         choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER.name,
+         help="sgd, momentum, adagrad, adam or adamw (default: %(default)s)"),
+    Flag("--momentum", "training", field="momentum", config="optimizer", parse=float,
+         write=format_number, default=DEFAULT_OPTIMIZER.momentum,
+         help="momentum of --optimizer momentum (default: %(default)s)"),
+    Flag("--weight-decay", "training", field="weight_decay", config="optimizer", parse=float,
+         write=format_number, default=DEFAULT_OPTIMIZER.weight_decay,
+         help="L2 penalty, decoupled for adamw (default: %(default)s)"),
+    Flag("--clip-grad-norm", "training", field="clip_grad_norm", config="optimizer", parse=float,
+         write=format_number, metavar="MAX_NORM",
+         help="clip each update's gradient (the mean over the global batch, after the all-reduce) "
+              "to this global L2 norm (default: no clipping)"),
+)
+"""The optimizer's flags; ``ray-sebs plan`` takes them too (the optimizer picks --lr-scaling)."""
+
 TRAINING_FLAGS: tuple[Flag, ...] = (
     # Not argparse choices: the model registry imports torch, and building the parser must not.
     Flag("--model", "training", field="model", default="mlp", metavar="logreg|mlp|cnn",
          help="logreg (convex), mlp or cnn (image-shaped data) (default: %(default)s)"),
-    Flag("--optimizer", "training", field="optimizer", choices=OPTIMIZERS, default="sgd",
-         help="sgd, momentum (0.9), adagrad, adam or adamw (default: %(default)s)"),
+    *OPTIMIZER_FLAGS,
+    Flag("--precision", "training", field="precision", choices=PRECISIONS, default="fp32",
+         help="bf16: autocast to bfloat16 on GPU, and on CPU where torch supports it "
+              "(default: %(default)s)"),
+    Flag("--cache-data", "training", field="cache_data", choices=CACHE_MODES, default="none",
+         help="none streams each rank's Ray Data shard every epoch (data of any size); host or "
+              "device reads the shard once per worker group into host memory or onto the GPU and "
+              "shuffles it by index each epoch, for shards that fit (default: %(default)s)"),
     # The seed of the data split and synthetic data, and of the model's init and the data order.
     Flag("--seed", "training", field="seed", config="dataset", parse=int,
          default=DEFAULT_DATASET.seed, help="seed for data split, init and order"),
@@ -352,6 +386,10 @@ def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
 
 def dataset_config_from_args(args: argparse.Namespace) -> DatasetConfig:
     return DatasetConfig(**config_values(args, "dataset"))
+
+
+def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(**config_values(args, "optimizer"))
 
 
 def to_flags(value: Any, config: str) -> list[str]:

@@ -66,6 +66,11 @@ class EpochRecord(TypedDict):
     """The validation metric ``accuracy``; NaN without one (or without a validation dataset)."""
     validation_metrics: dict[str, float]
     """Every validation metric, exact over the whole validation set; empty without one."""
+    gradient_noise_scale: float
+    """B_noise = tr(Sigma) / |G|^2 (McCandlish et al. 2018), in rows (or a summed loss's count
+    units), from moving averages of both over the run's measuring updates
+    (:func:`ray_sebs.loop.noise_estimate`): a global batch well below it wastes no samples, one
+    above it does. NaN until |G|^2 is measurably positive."""
     epoch_time_s: float
     """Seconds from the epoch's first batch request to the end of its evaluation."""
     samples_per_s: float

@@ -39,6 +39,7 @@ import yaml
 
 from ray_sebs.errors import ConfigError, format_number
 from ray_sebs.flags import to_flags
+from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.schedule import ScheduleConfig
 
@@ -277,19 +278,23 @@ def build_ray_job(name: str, entrypoint: str, cluster_spec: Mapping[str, Any], *
 _RUN_FLAGS = ("--storage-path", "--name")
 
 
-def plan_flags(schedule: ScheduleConfig, cluster: ClusterConfig) -> list[str]:
-    """The ``ray-sebs plan``/``train`` flags that reproduce ``schedule`` on ``cluster``, every one
-    spelled out (defaults included) so a change of default cannot change a submitted job."""
+def plan_flags(schedule: ScheduleConfig, cluster: ClusterConfig,
+               optimizer: OptimizerConfig | None = None) -> list[str]:
+    """The ``ray-sebs plan``/``train`` flags that reproduce ``schedule`` on ``cluster`` (and
+    ``optimizer``, when given), every one spelled out (defaults included) so a change of default
+    cannot change a submitted job."""
     # The worker bundle always explicit: the pods are sized for it, whatever `train` would default to.
     bundle = replace(cluster, resources_per_worker=cluster.worker_bundle())
-    return [*to_flags(schedule, "schedule"), *to_flags(bundle, "cluster")]
+    optimizer_flags = to_flags(optimizer, "optimizer") if optimizer is not None else []
+    return [*to_flags(schedule, "schedule"), *to_flags(bundle, "cluster"), *optimizer_flags]
 
 
 def train_entrypoint(plan: ElasticPlan, *, storage_path: str, name: str,
-                     extra_args: Sequence[str] = ()) -> str:
+                     extra_args: Sequence[str] = (), optimizer: OptimizerConfig | None = None) -> str:
     """``python jobs/train_sebs.py <the plan's flags> --storage-path ... --name ... <extra>``."""
-    _check_extra_args(extra_args, plan_flags(plan.schedule.config, plan.cluster))
-    return shlex.join(["python", TRAIN_SCRIPT, *plan_flags(plan.schedule.config, plan.cluster),
+    flags = plan_flags(plan.schedule.config, plan.cluster, optimizer)
+    _check_extra_args(extra_args, flags)
+    return shlex.join(["python", TRAIN_SCRIPT, *flags,
                        "--storage-path", check_storage_path(storage_path), "--name", name,
                        *extra_args])
 
@@ -318,10 +323,11 @@ class Sweep:
 
 
 def tune_entrypoint(schedule: ScheduleConfig, cluster: ClusterConfig, sweep: Sweep, *,
-                    storage_path: str, name: str, extra_args: Sequence[str] = ()) -> str:
+                    storage_path: str, name: str, extra_args: Sequence[str] = (),
+                    optimizer: OptimizerConfig | None = None) -> str:
     """``python jobs/tune_growth.py``: the plan's flags without ``--schedule``/``--ratio`` (the
     sweep sets them), then the sweep's ``--ratios``/``--schedules``/``--seeds``."""
-    flags = plan_flags(schedule, cluster)
+    flags = plan_flags(schedule, cluster, optimizer)
     for swept in ("--schedule", "--ratio"):
         index = flags.index(swept)
         del flags[index:index + 2]
@@ -341,14 +347,17 @@ def default_job_name(plan: ElasticPlan) -> str:
 def ray_job_for_plan(plan: ElasticPlan, *, name: str | None = None,
                      storage_path: str = PLACEHOLDER_STORAGE_PATH, extra_args: Sequence[str] = (),
                      options: KubeRayOptions | None = None, active_deadline_s: int = 24 * 3600,
-                     ttl_after_finished_s: int = 600) -> dict[str, Any]:
+                     ttl_after_finished_s: int = 600,
+                     optimizer: OptimizerConfig | None = None) -> dict[str, Any]:
     """The RayJob that trains ``plan``: worker group 0..``plan.peak_workers`` pods sized from the
     plan's worker bundle, entrypoint with the plan's flags. ``name`` is the RayJob's and the run's
     (the same name resumes an interrupted run); ``extra_args`` are further ``train`` flags such as
-    the data (``--data s3://bucket/train.parquet --label-column y``)."""
+    the data (``--data s3://bucket/train.parquet --label-column y``); ``optimizer`` is spelled out
+    in the entrypoint when given."""
     options = options or KubeRayOptions()
     name = name or default_job_name(plan)
-    entrypoint = train_entrypoint(plan, storage_path=storage_path, name=name, extra_args=extra_args)
+    entrypoint = train_entrypoint(plan, storage_path=storage_path, name=name, extra_args=extra_args,
+                                  optimizer=optimizer)
     spec = build_cluster_spec(plan.peak_workers, plan.cluster.worker_bundle(), options)
     return build_ray_job(name, entrypoint, spec, component="train", options=options,
                          active_deadline_s=active_deadline_s, ttl_after_finished_s=ttl_after_finished_s)
@@ -356,9 +365,11 @@ def ray_job_for_plan(plan: ElasticPlan, *, name: str | None = None,
 
 def emit_ray_job(plan: ElasticPlan, path: str | Path, *, image: str | None = None,
                  storage_path: str | None = None, auth_secret: str | None = None,
-                 name: str | None = None, job_args: str = "") -> str:
+                 name: str | None = None, job_args: str = "",
+                 optimizer: OptimizerConfig | None = None) -> str:
     """Write the RayJob of ``plan`` to ``path`` (``ray-sebs plan --emit-kuberay``) and return what
-    to tell the user. ``None`` takes the default; ``job_args`` is shell-quoted ``train`` flags."""
+    to tell the user. ``None`` takes the default; ``job_args`` is shell-quoted ``train`` flags;
+    ``optimizer`` (the plan's ``--optimizer`` and its options) is spelled out in the job."""
     options = KubeRayOptions(image=DEFAULT_IMAGE if image is None else image,
                              auth_secret=DEFAULT_AUTH_SECRET if auth_secret is None else auth_secret)
     try:
@@ -367,8 +378,8 @@ def emit_ray_job(plan: ElasticPlan, path: str | Path, *, image: str | None = Non
         raise ConfigError("job_args", job_args, str(error), "quote it as for a shell") from None
     document = ray_job_for_plan(
         plan, name=name, storage_path=PLACEHOLDER_STORAGE_PATH if storage_path is None else storage_path,
-        extra_args=extra_args, options=options)
-    flags = " ".join(plan_flags(plan.schedule.config, plan.cluster))
+        extra_args=extra_args, options=options, optimizer=optimizer)
+    flags = " ".join(plan_flags(plan.schedule.config, plan.cluster, optimizer))
     write_manifest(path, document,
                    f"Written by: ray-sebs plan {flags} --emit-kuberay ...\n"
                    f"(planned on {plan.schedule.dataset_size:,} training rows). Create the token "
@@ -425,6 +436,7 @@ EXAMPLE_SIZING_ROWS = 262144
 """Rows the example plans with. A plan's worker counts depend only on its batches and the worker
 flags, never on the dataset size, as long as the data holds the largest batch."""
 EXAMPLE_SWEEP = Sweep()
+EXAMPLE_OPTIMIZER = OptimizerConfig()
 
 
 @dataclass(frozen=True)
@@ -444,7 +456,7 @@ def static_manifests(options: KubeRayOptions | None = None) -> list[StaticManife
     options = options or KubeRayOptions()
     plan = build_plan(EXAMPLE_SCHEDULE, EXAMPLE_SIZING_ROWS, EXAMPLE_CLUSTER)
     bundle = EXAMPLE_CLUSTER.worker_bundle()
-    flags = " ".join(plan_flags(EXAMPLE_SCHEDULE, EXAMPLE_CLUSTER))
+    flags = " ".join(plan_flags(EXAMPLE_SCHEDULE, EXAMPLE_CLUSTER, EXAMPLE_OPTIMIZER))
     regenerate = ("Generated by ray_sebs.kuberay.write_static_manifests(); a test checks this file "
                   "equals what\nthat builds, so change the code (or emit your own with "
                   "`ray-sebs plan ... --emit-kuberay FILE`).\n")
@@ -453,14 +465,14 @@ def static_manifests(options: KubeRayOptions | None = None) -> list[StaticManife
     train = build_ray_job(
         train_name,
         train_entrypoint(plan, storage_path=PLACEHOLDER_STORAGE_PATH, name="sebs-gpu-rho2",
-                         extra_args=EXAMPLE_DATA_ARGS),
+                         extra_args=EXAMPLE_DATA_ARGS, optimizer=EXAMPLE_OPTIMIZER),
         cluster_spec, component="train", options=options, active_deadline_s=12 * 3600)
     sweep_peak = EXAMPLE_SWEEP.peak_workers(EXAMPLE_SCHEDULE, EXAMPLE_SIZING_ROWS, EXAMPLE_CLUSTER)
     tune = build_ray_job(
         "ray-sebs-tune",
         tune_entrypoint(EXAMPLE_SCHEDULE, EXAMPLE_CLUSTER, EXAMPLE_SWEEP,
                         storage_path=PLACEHOLDER_STORAGE_PATH, name="sebs-gpu-growth",
-                        extra_args=EXAMPLE_DATA_ARGS),
+                        extra_args=EXAMPLE_DATA_ARGS, optimizer=EXAMPLE_OPTIMIZER),
         build_cluster_spec(sweep_peak, bundle, options), component="tune", options=options,
         active_deadline_s=72 * 3600)
     sizing = (f"Plan: {flags}\n-> {len(plan.segments)} segments of "

@@ -22,6 +22,12 @@ One update, on every rank:
    step the optimizer: the gradient is exactly the mean over the stage's ``B`` samples (or over
    the global batch's count).
 
+Every ``NOISE_SAMPLE_EVERY``-th update also measures the gradient noise scale (McCandlish et al.
+2018, arXiv 1812.06162, Appendix A): the squared norm of the first micro-batch's gradient (local,
+under ``no_sync``) and of the whole update's (after the all-reduce) are the two batch sizes its
+unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` need. An update of one micro-batch is split into
+two halves for it, which changes nothing but the rounding (accumulation is exact).
+
 Ranks pull whole update batches rather than micro-batches from the iterator so that uneven splits
 (``B`` not divisible by the world size, or a rank's share not divisible by the accumulation steps)
 need no special case: only micro-batches ever reach the device.
@@ -53,8 +59,9 @@ from ray_sebs.errors import CheckpointError, InvariantError
 from ray_sebs.history import EpochRecord
 from ray_sebs.objective import Batch, Objective, RowSum, Summed, batch_rows, slice_rows, sum_and_count
 from ray_sebs.optim import OptimizerConfig
-from ray_sebs.plan import ElasticPlan
+from ray_sebs.plan import ElasticPlan, split_evenly
 from ray_sebs.report import format_epoch
+from ray_sebs.schedule import warmup_factor
 
 logger = logging.getLogger(__name__)
 BatchT = TypeVar("BatchT")
@@ -64,9 +71,14 @@ NON_FINITE = "non_finite"
 """Key of :func:`train_segment`'s return value when the loss stopped being finite: the arguments of
 :class:`~ray_sebs.errors.NonFiniteLossError`, which the driver raises."""
 EVAL_BATCH_SIZE = 1024
-PRECISIONS = ("fp32", "bf16")
-"""``fp32``; or ``bf16``: forward and loss under ``torch.autocast`` to bfloat16 (weights, gradients
-and optimizer state stay fp32)."""
+NOISE_SAMPLE_EVERY = 16
+"""One update in this many measures the gradient noise (two gradient norms; a split into two
+micro-batches when the update has one, which on a small model costs most of an update)."""
+NOISE_SMOOTHING = 0.5
+"""Weight of the previous epochs in the noise scale's moving averages (of ``|G|^2`` and
+``tr(Sigma)``, each over an epoch's measurements first)."""
+CACHE_LOAD_ROWS = 4096
+"""Rows per batch when a cached shard is read in."""
 
 
 @dataclass
@@ -77,6 +89,8 @@ class TrainState:
     updates: int = 0
     samples: int = 0
     history: list[EpochRecord] = field(default_factory=list)
+    noise_averages: tuple[float, float] | None = None
+    """Moving averages of the estimates of ``|G|^2`` and ``tr(Sigma)`` (:func:`smooth_noise`)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +105,9 @@ class SegmentConfig:
     seed: int
     has_validation: bool
     precision: str = "fp32"
-    """One of :data:`PRECISIONS`."""
+    """One of :data:`~ray_sebs.optim.PRECISIONS`."""
+    cache_data: str = "none"
+    """One of :data:`~ray_sebs.data.CACHE_MODES` (:class:`ShardBatches`)."""
     workers: int | None = None
     """Workers the driver asked for: the segment's target, or fewer when the cluster cannot place
     it (the driver has warned about that). ``None``: the target."""
@@ -128,7 +144,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # Where a worker group's start-up goes, logged by rank 0 at its first update: on a resize this
     # is the part of the restart that the loop itself (not Ray Train) spends.
     startup = [("start", time.perf_counter())]
-    train_shard = ray.train.get_dataset_shard("train")
+    train_batches = ShardBatches(ray.train.get_dataset_shard("train"), config.cache_data, device)
     validation = ray.train.get_dataset_shard("validation") if config.has_validation else None
     startup.append(("dataset shards", time.perf_counter()))
 
@@ -158,8 +174,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # is built (torch's first optimizer imports its compiler stack, seconds too), not after.
     resume_epoch = state.next_epoch
     first_stage = plan.schedule.stage_of_epoch(resume_epoch)
-    first_batches = prefetch_first(epoch_batches(
-        train_shard, plan.decomposition(first_stage.index, world_size).rank_samples[rank],
+    first_batches = prefetch_first(train_batches.epoch(
+        plan.decomposition(first_stage.index, world_size).rank_samples[rank],
         shuffle_seed=epoch_seed(config.seed, resume_epoch, rank)))
 
     model = ray.train.torch.prepare_model(model)
@@ -183,6 +199,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if world_size < asked:
         progress.warning(f"segment {segment.index} asked for {asked} workers but {world_size} are "
                          f"running; every update still uses exactly the global batch")
+    warmup_updates = plan.schedule.config.warmup_updates
     last_checkpoint = time.monotonic()
     epochs_since_checkpoint = 0
     checkpointed_epoch = resume_epoch - 1  # the epoch whose end the latest checkpoint holds
@@ -202,9 +219,13 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         tally = EpochTally(device=device, updates_before=state.updates)
         rule = UpdateRule.for_epoch(split.loss_scale, world_size, micro_batches, device,
                                     clip_grad_norm=config.optimizer.clip_grad_norm, autocast=autocast)
-        batches = first_batches if epoch == resume_epoch else epoch_batches(
-            train_shard, split.rank_samples[rank], shuffle_seed=epoch_seed(config.seed, epoch, rank))
+        batches = first_batches if epoch == resume_epoch else train_batches.epoch(
+            split.rank_samples[rank], shuffle_seed=epoch_seed(config.seed, epoch, rank))
         for update in range(split.updates_per_epoch):
+            run_update = state.updates + update + 1
+            if run_update <= warmup_updates:  # at the last one the factor is 1: the stage's rate
+                for group in optimizer.param_groups:
+                    group["lr"] = stage.learning_rate * warmup_factor(run_update, warmup_updates)
             waited_from = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - waited_from
@@ -236,7 +257,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         totals = all_reduce_sum(torch.stack([
             tally.loss_sum().double(), tally.count_sum(),
             *torch.tensor([sum(rows_per_update), min(rows_per_update, default=0),
-                           max(rows_per_update, default=0)], dtype=torch.float64, device=device)]))
+                           max(rows_per_update, default=0)], dtype=torch.float64, device=device),
+            *tally.noise_sums()]))
         epochs_since_checkpoint += 1
         # Rank 0's clock decides a time-based checkpoint for every rank (reports are collective).
         due_by_time = rank == 0 and config.checkpoint_every_s is not None \
@@ -256,6 +278,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                                  f"updates of {stage.global_batch_size}")
         state.updates += epoch_updates
         state.samples += epoch_samples
+        state.noise_averages = smooth_noise(state.noise_averages, totals[5:8].tolist())
         validation_metrics = evaluate(module, validation, config.objective, rank, world_size,
                                       autocast) if validation is not None else {}
         epoch_time = time.perf_counter() - epoch_started
@@ -279,6 +302,7 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             validation_loss=validation_metrics.get("loss", math.nan),
             validation_accuracy=validation_metrics.get("accuracy", math.nan),
             validation_metrics=validation_metrics,
+            gradient_noise_scale=noise_scale(state.noise_averages),
             epoch_time_s=epoch_time,
             samples_per_s=epoch_samples / train_time if train_time > 0 else math.nan,
             data_wait_fraction=data_wait / epoch_time if epoch_time > 0 else 0.0,
@@ -342,19 +366,78 @@ class UpdateRule:
     """Sizes of this rank's micro-batches (:meth:`~ray_sebs.plan.BatchDecomposition.rank_micro_batches`)."""
     row_scale: torch.Tensor
     """``world_size / B`` on the device: the factor on a summed per-row loss."""
+    global_batch_size: torch.Tensor
+    """``B`` on the device: the rows of every update (the large batch of the noise estimate)."""
     world_scale: torch.Tensor
     """``world_size`` on the device: the factor on a loss summed with its own count."""
     clip_grad_norm: float | None = None
     autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
+    noise_every: int | None = NOISE_SAMPLE_EVERY
+    """Measure the gradient noise on every this many updates; ``None``: never (benchmarks)."""
 
     @classmethod
     def for_epoch(cls, loss_scale: float, world_size: int, micro_batches: tuple[int, ...],
                   device: torch.device, *, clip_grad_norm: float | None = None,
                   autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
                   ) -> UpdateRule:
+        global_batch_size = round(world_size / loss_scale)
         return cls(micro_batches=micro_batches, row_scale=torch.tensor(loss_scale, device=device),
+                   global_batch_size=torch.tensor(float(global_batch_size), device=device),
                    world_scale=torch.tensor(float(world_size), device=device),
                    clip_grad_norm=clip_grad_norm, autocast=autocast)
+
+
+class ShardBatches:
+    """One rank's update batches, epoch after epoch, from its Ray Data shard.
+
+    ``none`` (the default) streams every epoch from the shard (:func:`epoch_batches`): for data
+    of any size. ``host`` and ``device`` read the shard once per worker group into tensors in
+    host memory or on the worker's device, then draw each epoch's batches by a seeded random
+    permutation: indexing tensors in memory delivers rows ~20x faster than the shard iterator
+    (``benchmarks/ingest.py``), for a shard that fits. A cached rank keeps the rows the split gave
+    it for the whole worker group, shuffled within them each epoch (streaming re-splits each
+    epoch); every update still takes exactly its rows from every rank.
+    """
+
+    def __init__(self, shard: Any, cache: str, device: torch.device) -> None:
+        self.shard = shard
+        self.cache = cache
+        self.device = device
+        self.columns: Batch | None = None
+
+    def epoch(self, rows: int, shuffle_seed: int) -> Iterator[Batch]:
+        if self.cache == "none":
+            return epoch_batches(self.shard, rows, shuffle_seed)
+        return self.cached_epoch(rows, shuffle_seed)
+
+    def cached_epoch(self, rows: int, shuffle_seed: int) -> Iterator[Batch]:
+        columns = self.cached_columns()
+        where = next(iter(columns.values())).device
+        order = torch.randperm(batch_rows(columns), device=where,
+                               generator=torch.Generator(device=where).manual_seed(shuffle_seed))
+        for start in range(0, len(order) - rows + 1, rows):
+            index = order[start:start + rows]
+            batch = {name: column[index] for name, column in columns.items()}
+            if where != self.device:
+                batch = {name: column.to(self.device, non_blocking=True)
+                         for name, column in batch.items()}
+            yield batch
+
+    def cached_columns(self) -> Batch:
+        """The whole shard as tensors, read on first use (in the first batch's thread)."""
+        if self.columns is None:
+            target = self.device if self.cache == "device" else torch.device("cpu")
+            parts: dict[str, list[torch.Tensor]] = {}
+            for batch in self.shard.iter_torch_batches(batch_size=CACHE_LOAD_ROWS, device=target):
+                for name, column in batch.items():
+                    parts.setdefault(name, []).append(column)
+            self.columns = {name: torch.cat(columns) for name, columns in parts.items()}
+            if target.type == "cpu" and self.device.type == "cuda":
+                # Pinned pages make the per-update copy asynchronous (non_blocking above).
+                self.columns = {name: column.pin_memory() for name, column in self.columns.items()}
+            if not self.columns:
+                raise InvariantError("the rank's shard of the training data is empty")
+        return self.columns
 
 
 @dataclass
@@ -374,6 +457,17 @@ class EpochTally:
     """What each micro-step's loss sums over: its rows, or the count of a :class:`Summed` loss."""
     rows_per_update: list[int] = field(default_factory=list)
     """Rows each update used on this rank: counted, not assumed (the invariant's evidence)."""
+    steps_per_update: list[int] = field(default_factory=list)
+    """Micro-steps of each update (one more on an update split to measure the noise)."""
+    noise_estimates: list[torch.Tensor] = field(default_factory=list)
+    """``[|G|^2, tr(Sigma), 1]`` estimated by each measuring update, or zeros where it could not
+    (:func:`noise_estimate`)."""
+
+    def noise_sums(self) -> torch.Tensor:
+        """``[sum |G|^2, sum tr(Sigma), measurements]`` of the epoch on this rank, float64."""
+        if not self.noise_estimates:
+            return torch.zeros(3, dtype=torch.float64, device=self.device)
+        return torch.stack(self.noise_estimates).double().sum(dim=0)
 
     def loss_sum(self) -> torch.Tensor:
         if not self.step_losses:
@@ -388,8 +482,11 @@ class EpochTally:
         """Run-wide number (1-based) of the first update whose loss was not finite; -1 if none."""
         if not self.rows_per_update:
             return torch.full((), -1, dtype=torch.long, device=self.device)
-        # Every update of an epoch has the same number of micro-steps.
-        per_update = torch.stack(self.step_losses).view(len(self.rows_per_update), -1).sum(dim=1)
+        update_of_step = torch.repeat_interleave(
+            torch.arange(len(self.steps_per_update), device=self.device),
+            torch.tensor(self.steps_per_update, device=self.device))
+        per_update = torch.zeros(len(self.steps_per_update), device=self.device).index_add_(
+            0, update_of_step, torch.stack(self.step_losses).float())
         bad = ~torch.isfinite(per_update)
         first = self.updates_before + 1 + bad.int().argmax()  # argmax: the first maximum
         return torch.where(bad.any(), first, -1)
@@ -408,15 +505,22 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
     """Steps 2-4 of one update on this rank: micro-batches, weighted backward, one optimizer step.
 
     A DDP ``model`` all-reduces only on the last micro-batch; a bare module (one worker) never
-    does. Every micro-step of an update must return the same loss form.
+    does. Every micro-step of an update must return the same loss form. Every
+    :data:`NOISE_SAMPLE_EVERY`-th update also estimates the gradient noise (:func:`noise_estimate`).
     """
     no_sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) \
         else contextlib.nullcontext
+    micro_batches = rule.micro_batches
+    measuring = rule.noise_every is not None and sum(micro_batches) >= 2 \
+        and len(tally.rows_per_update) % rule.noise_every == 0
+    if measuring and len(micro_batches) == 1:
+        micro_batches = split_evenly(micro_batches[0], 2)  # the first half is the small batch
     offset = rows = 0
     per_row: bool | None = None
+    small: tuple[torch.Tensor, torch.Tensor] | None = None  # (squared norm, its batch)
     update_counts: list[torch.Tensor | int | float] = []
-    for step, size in enumerate(rule.micro_batches):
-        sync = step == len(rule.micro_batches) - 1
+    for step, size in enumerate(micro_batches):
+        sync = step == len(micro_batches) - 1
         micro_batch = batch if size == batch_rows(batch) else slice_rows(batch, offset, offset + size)
         with contextlib.nullcontext() if sync else no_sync():
             with rule.autocast():
@@ -427,26 +531,81 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
                 raise InvariantError("batch_loss_fn returned per-row losses for one micro-batch "
                                      "and Summed for another; return one form")
             per_row = step_per_row
+            scale = rule.row_scale if per_row else rule.world_scale
             # The gradient of scale * step_loss, without a multiply node in the graph.
-            step_loss.backward(rule.row_scale if per_row else rule.world_scale)
+            step_loss.backward(scale)
         tally.step_losses.append(step_loss.detach())
         tally.step_counts.append(count if per_row or not isinstance(count, torch.Tensor)
                                  else count.detach())
         update_counts.append(tally.step_counts[-1])
+        if measuring and step == 0:
+            # Still local (no_sync): scale x the sum of this micro-batch's per-unit gradients.
+            units = count_tensor([tally.step_counts[-1]], scale.device)
+            small = (gradient_norm_squared(model) / (scale * units) ** 2, units)
         offset += size
         rows += size
+    global_units = rule.global_batch_size
     if not per_row:
         # The gradient is now the sum over the global batch; divide it by the global count.
-        global_count = all_reduce_sum(count_tensor(update_counts, rule.world_scale.device))
-        divisor = global_count.clamp(min=1.0)
+        global_units = all_reduce_sum(count_tensor(update_counts, rule.world_scale.device))
+        divisor = global_units.clamp(min=1.0)
         for parameter in model.parameters():
             if parameter.grad is not None:
                 parameter.grad.div_(divisor.to(parameter.grad.dtype))
+    if small is not None:
+        tally.noise_estimates.append(noise_estimate(
+            *small, gradient_norm_squared(model), global_units))
     if rule.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), rule.clip_grad_norm)
     tally.rows_per_update.append(rows)
+    tally.steps_per_update.append(len(micro_batches))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def gradient_norm_squared(model: nn.Module) -> torch.Tensor:
+    """The squared global L2 norm of the model's gradients, a device scalar (no host sync)."""
+    grads = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).double() ** 2
+
+
+def noise_estimate(small_norm_sq: torch.Tensor, small_batch: torch.Tensor, big_norm_sq: torch.Tensor,
+                   big_batch: torch.Tensor) -> torch.Tensor:
+    """``[|G|^2, tr(Sigma), 1]`` from the squared norms of two mean gradients of one update, over
+    ``small_batch`` and ``big_batch`` units (rows, or a summed loss's count): McCandlish et al.
+    2018, Appendix A, from ``E|G_B|^2 = |G|^2 + tr(Sigma) / B``. Each is unbiased; their ratio,
+    the noise scale, is taken only after averaging (:func:`smooth_noise`). Zeros (no
+    measurement) where the two batches do not differ, e.g. a first micro-batch of padding only;
+    decided on the device, without a host sync."""
+    small_batch, big_batch = small_batch.double(), big_batch.double()
+    valid = (small_batch > 0) & (big_batch > small_batch)
+    squared = (big_batch * big_norm_sq - small_batch * small_norm_sq) / (big_batch - small_batch)
+    trace = (small_norm_sq - big_norm_sq) / (1 / small_batch - 1 / big_batch)
+    estimate = torch.stack([squared, trace, torch.ones_like(squared)])
+    return torch.where(valid, torch.nan_to_num(estimate), torch.zeros_like(estimate))
+
+
+def smooth_noise(previous: tuple[float, float] | None, sums: list[float]) -> tuple[float, float] | None:
+    """The moving averages of ``|G|^2`` and ``tr(Sigma)`` after an epoch whose all-reduced
+    ``[sum |G|^2, sum tr(Sigma), measurements]`` are ``sums``: each averaged over the epoch, then
+    over epochs with weight :data:`NOISE_SMOOTHING` on the past (numerator and denominator apart,
+    as the paper advises: a ratio of noisy estimates is biased)."""
+    squared, trace, measurements = sums
+    if not measurements:
+        return previous
+    current = (squared / measurements, trace / measurements)
+    if previous is None:
+        return current
+    return tuple(NOISE_SMOOTHING * old + (1 - NOISE_SMOOTHING) * new  # type: ignore[return-value]
+                 for old, new in zip(previous, current, strict=True))
+
+
+def noise_scale(averages: tuple[float, float] | None) -> float:
+    """``B_noise = tr(Sigma) / |G|^2``; NaN before any measurement or while ``|G|^2`` is not yet
+    measurably positive (the noise swamps the gradient: any batch size is "small")."""
+    if averages is None or not averages[0] > 0:
+        return math.nan
+    return averages[1] / averages[0]
 
 
 def report_epoch(record: EpochRecord, state: TrainState, module: nn.Module,
@@ -465,7 +624,8 @@ def report_epoch(record: EpochRecord, state: TrainState, module: nn.Module,
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "state": {"next_epoch": state.next_epoch, "updates": state.updates,
-                              "samples": state.samples, "history": state.history}},
+                              "samples": state.samples, "history": state.history,
+                              "noise_averages": state.noise_averages}},
                    os.path.join(directory, CHECKPOINT_FILE))
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
 

@@ -12,7 +12,25 @@ if TYPE_CHECKING:
     import torch
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "adam", "adamw")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""``fp32``; or ``bf16``: the forward and the loss under ``torch.autocast`` to bfloat16 (weights,
+gradients and optimizer state stay fp32)."""
 """The paper's three (plain SGD, momentum SGD, AdaGrad) plus Adam and AdamW."""
+
+LR_SCALING_OF_OPTIMIZER: dict[str, str] = {
+    "sgd": "linear", "momentum": "linear", "adagrad": "linear", "adam": "sqrt", "adamw": "sqrt"}
+"""The law tying the learning rate to the batch (``ScheduleConfig.lr_scaling``) that each optimizer
+gets by default: the SEBS paper keeps eta/B on SSGD's path for SGD, momentum SGD and AdaGrad
+(``linear``); for Adam and AdamW the learning rate goes with the square root of the batch
+(``sqrt``; Seesaw, arXiv 2510.14717)."""
+
+
+def default_lr_scaling(optimizer_name: str) -> str:
+    """``linear`` or ``sqrt``: the learning-rate law ``optimizer_name`` gets by default."""
+    if optimizer_name not in LR_SCALING_OF_OPTIMIZER:
+        raise ConfigError("optimizer", optimizer_name, "unknown optimizer",
+                          f"use one of {', '.join(OPTIMIZERS)}")
+    return LR_SCALING_OF_OPTIMIZER[optimizer_name]
 
 
 @dataclass(frozen=True)

@@ -262,6 +262,8 @@ class ElasticPlan:
                 "learning_rate": config.learning_rate,
                 "max_batch_size": config.max_batch_size,
                 "batch_granularity": config.batch_granularity,
+                "lr_scaling": config.resolved_lr_scaling,
+                "warmup_updates": config.warmup_updates,
             },
             "dataset_size": self.schedule.dataset_size,
             "cluster": {

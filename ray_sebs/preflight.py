@@ -104,7 +104,10 @@ def connect_ray(args: argparse.Namespace) -> None:
         if address:
             ray.init(address=address, **ray_init_options(verbose))
         else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, **ray_init_options(verbose))
+            # "local": a new Ray in this process even when `ray start` left a cluster on this
+            # machine, which ray.init() would otherwise join (and refuse num_cpus for).
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+                     **ray_init_options(verbose))
         quiet_ray_driver(verbose)
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise ConfigError("address", address, f"no Ray cluster could be reached ({error})",

@@ -92,7 +92,8 @@ def write_history(history: Sequence[Mapping[str, Any]], run_dir: str) -> dict[st
 
 
 def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) -> None:
-    """Loss and validation accuracy against the run's real wall clock, as a PNG written to
+    """Loss, validation accuracy, and the global batch against the gradient noise scale, over the
+    run's real wall clock, as a PNG written to
     ``output`` (a local file name or a binary file object); nothing for an empty history.
 
     The clock (:func:`~ray_sebs.history.epoch_clock`) starts with the first epoch and runs through
@@ -112,7 +113,8 @@ def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) ->
     origin = clock_origin(history)
     ends = epoch_clock(history)
     starts = [0.0, *ends[:-1]]
-    figure, (losses, accuracy) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    figure, (losses, accuracy, noise) = plt.subplots(3, 1, figsize=(10, 9.5), sharex=True,
+                                                     height_ratios=(3, 3, 2))
     losses.plot(ends, [record["train_loss"] for record in history], marker="o", markersize=3,
                 label="training loss")
     validation_loss = [record["validation_loss"] for record in history]
@@ -120,10 +122,17 @@ def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) ->
         losses.plot(ends, validation_loss, marker="o", markersize=3, label="validation loss")
     accuracy.plot(ends, [record["validation_accuracy"] for record in history], marker="o",
                   markersize=3, color="tab:green", label="validation accuracy")
+    # How far each stage's batch was from the batch that still trains efficiently.
+    noise.step(ends, [record["global_batch_size"] for record in history], where="pre",
+               color="tab:purple", label="global batch B_s")
+    noise.plot(ends, [record.get("gradient_noise_scale", math.nan) for record in history],
+               marker="o", markersize=3, color="tab:brown", label="gradient noise scale B_noise")
+    noise.set_yscale("log")
+    axes = (losses, accuracy, noise)
     for change in worker_group_changes(history):
         begin = change.previous_ended_at - origin
         end = change.first_update_at - origin
-        for axis in (losses, accuracy):
+        for axis in axes:
             axis.axvspan(begin, end, color="tab:red" if change.kind == RECOVERY else "tab:orange",
                          alpha=0.15, linewidth=0)
         accuracy.annotate(f"{change.kind} {change.workers_before}→{change.workers_after} workers, "
@@ -134,7 +143,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) ->
     for record, begin in zip(history, starts, strict=True):
         if record["stage"] != previous_stage:
             previous_stage = record["stage"]
-            for axis in (losses, accuracy):
+            for axis in axes:
                 axis.axvline(begin, color="grey", linestyle="--", linewidth=0.8)
             losses.annotate(f"stage {record['stage']}: B={record['global_batch_size']}, "
                             f"W={record['world_size']}", (begin, 0.98),
@@ -143,8 +152,10 @@ def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) ->
     losses.set_ylabel("loss")
     losses.legend(loc="upper right", fontsize=8)
     accuracy.set_ylabel("validation accuracy")
-    accuracy.set_xlabel("wall clock since the first epoch started (s)")
-    for axis in (losses, accuracy):
+    noise.set_ylabel("samples")
+    noise.legend(loc="upper left", fontsize=8)
+    noise.set_xlabel("wall clock since the first epoch started (s)")
+    for axis in axes:
         axis.grid(alpha=0.3)
     figure.suptitle("SEBS run: dashed lines start stages; shaded: worker-group changes")
     figure.tight_layout()
@@ -154,7 +165,8 @@ def plot_curves(history: Sequence[Mapping[str, Any]], output: str | BinaryIO) ->
 
 TENSORBOARD_DIR = "tensorboard"
 TENSORBOARD_SCALARS = ("train_loss", "validation_loss", "validation_accuracy", "learning_rate",
-                       "global_batch_size", "world_size", "samples_per_s", "data_wait_fraction")
+                       "global_batch_size", "gradient_noise_scale", "world_size", "samples_per_s",
+                       "data_wait_fraction")
 
 
 class TensorBoardWriter:

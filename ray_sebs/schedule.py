@@ -3,11 +3,21 @@
 A run is ``num_stages`` stages of whole epochs. Stage ``s`` (1-based) has a global batch size and a
 learning rate given by the schedule kind:
 
-* ``sebs``: ``B_s = round(B_1 * rho**(s-1))`` and a fixed learning rate ``eta_1``. Past
-  ``max_batch_size`` the batch stays at the cap and the learning rate is divided by the remaining
-  growth instead (the hybrid of Smith et al., 2018), so ``eta_s / B_s`` keeps SSGD's path.
+* ``sebs``: ``B_s = round(B_1 * rho**(s-1))``. With ``lr_scaling="linear"`` (the default) the
+  learning rate stays ``eta_1``; past ``max_batch_size`` the batch stays at the cap and the
+  learning rate is divided by the remaining growth instead (the hybrid of Smith et al., 2018), so
+  ``eta_s / B_s`` keeps SSGD's path.
 * ``ssgd``: ``B_1`` throughout, ``eta_s = eta_1 / rho**(s-1)`` (the paper's baseline).
 * ``constant``: ``B_1`` and ``eta_1`` throughout.
+
+The learning-rate law of ``sebs`` in general: ``eta_s = eta_1 * (B~_s / B_1)**e / rho**(s-1)``,
+where ``B~_s`` is the batch before granularity rounding (``B_1 * rho**(s-1)`` while it grows, the
+cap past it) and ``e`` is 1 for ``linear`` and 1/2 for ``sqrt``. So ``linear`` is the rule above,
+and ``sqrt`` (for Adam and AdamW) gives ``eta_1 / sqrt(rho)**(s-1)`` while the batch grows (so
+``eta_s * sqrt(B~_s)`` stays ``eta_1 * sqrt(B_1)``) and divides the learning rate by ``rho`` per
+stage past the cap. Either way ``eta_s / B~_s**e`` follows SSGD's ``eta_s / B_1**e`` at every
+stage: ``eta/B`` for SGD, ``eta/sqrt(B)`` for Adam. ``ssgd`` and ``constant`` keep ``B_1``, so the
+law does not change them.
 
 Rounding rule: the ideal batch ``B_1 * rho**(s-1)`` is rounded half-up to the nearest multiple of
 ``batch_granularity`` (never below one granule), then capped at ``max_batch_size`` rounded down
@@ -30,9 +40,14 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ray_sebs.errors import ConfigError, require_int
+from ray_sebs.optim import default_lr_scaling
 
 ScheduleKind = Literal["sebs", "ssgd", "constant"]
 SCHEDULE_KINDS: tuple[str, ...] = ("sebs", "ssgd", "constant")
+LrScaling = Literal["linear", "sqrt"]
+LR_SCALINGS: tuple[str, ...] = ("linear", "sqrt")
+LR_SCALING_EXPONENTS: dict[str, float] = {"linear": 1.0, "sqrt": 0.5}
+"""The exponent ``e`` of ``eta_s = eta_1 * (B~_s / B_1)**e / rho**(s-1)``."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,15 @@ class ScheduleConfig:
     batch_granularity: int = 1
     """Global batches are rounded to a multiple of this (e.g. the worker count, so that every
     worker takes the same number of samples)."""
+
+    lr_scaling: LrScaling | None = None
+    """How SEBS ties the learning rate to the batch: ``linear`` keeps eta/B on SSGD's path (SGD,
+    momentum SGD, AdaGrad), ``sqrt`` makes eta go with sqrt(B) (Adam, AdamW). ``None``: by the
+    optimizer (:meth:`for_optimizer`); a schedule evaluated with ``None`` uses ``linear``."""
+
+    warmup_updates: int = 0
+    """Linear learning-rate warm-up from 0 over the run's first N updates (:func:`warmup_factor`);
+    0: none. The stage learning rates are those without warm-up."""
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -108,6 +132,12 @@ class ScheduleConfig:
                 raise ConfigError("max_batch_size", self.max_batch_size,
                                   f"is below the first batch ({self.initial_batch_size})",
                                   "use a cap >= the initial batch size, or none")
+        if self.lr_scaling is not None and self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError("lr_scaling", self.lr_scaling, "unknown learning-rate scaling",
+                              f"use one of {', '.join(LR_SCALINGS)}, or none to take the "
+                              "optimizer's (linear for sgd/momentum/adagrad, sqrt for adam/adamw)")
+        require_int("warmup_updates", self.warmup_updates, minimum=0,
+                    fix="use 0 for no warm-up, or the number of updates to warm up over")
 
     def epochs_of_stage(self, stage: int) -> int:
         """Epochs in 1-based ``stage``."""
@@ -119,6 +149,18 @@ class ScheduleConfig:
     def baseline(self) -> ScheduleConfig:
         """The SSGD schedule with the same ratio, stages, epochs and first batch."""
         return replace(self, kind="ssgd")
+
+    @property
+    def resolved_lr_scaling(self) -> str:
+        """The learning-rate law the schedule is evaluated with: ``lr_scaling``, or ``linear``."""
+        return self.lr_scaling or "linear"
+
+    def for_optimizer(self, optimizer_name: str) -> ScheduleConfig:
+        """This schedule with ``lr_scaling`` set to ``optimizer_name``'s default when it is
+        ``None`` (``linear`` for sgd/momentum/adagrad, ``sqrt`` for adam/adamw); else itself."""
+        if self.lr_scaling is not None:
+            return self
+        return replace(self, lr_scaling=default_lr_scaling(optimizer_name))
 
 
 @dataclass(frozen=True)
@@ -202,8 +244,36 @@ def stage_batch_and_lr(config: ScheduleConfig, stage: int) -> tuple[int, float]:
         cap = granularity * (config.max_batch_size // granularity)
         if batch > cap:
             # Hybrid: the batch stops growing and the learning rate takes the rest of the growth.
-            return cap, config.learning_rate * cap / ideal
-    return batch, config.learning_rate
+            return cap, sebs_learning_rate(config, stage, cap)
+    return batch, sebs_learning_rate(config, stage, ideal)
+
+
+def sebs_learning_rate(config: ScheduleConfig, stage: int, batch: float) -> float:
+    """``eta_1 * (batch / B_1)**e / rho**(s-1)`` for SEBS's 1-based ``stage``, ``batch`` the
+    stage's batch before rounding (the ideal one while it grows, the cap past it).
+
+    Since the ideal batch is ``B_1 * rho**(s-1)``, this is ``eta_1 * (batch / ideal)**e /
+    sqrt(rho)**(s-1)`` for ``sqrt``, and ``eta_1 * batch / ideal`` for ``linear``: exactly
+    ``eta_1`` while the batch grows.
+    """
+    ideal = ideal_batch_size(config, stage)
+    if config.resolved_lr_scaling == "linear":
+        return config.learning_rate if batch == ideal else config.learning_rate * batch / ideal
+    exponent = LR_SCALING_EXPONENTS[config.resolved_lr_scaling]
+    return (config.learning_rate * (batch / ideal) ** exponent
+            / config.growth_ratio ** ((stage - 1) * (1 - exponent)))
+
+
+def warmup_factor(update_number: int, warmup_updates: int) -> float:
+    """The factor on the stage learning rate of the run's 1-based update ``update_number``:
+    ``min(1, u / warmup_updates)``, a linear warm-up from 0; 1 when ``warmup_updates`` is 0."""
+    require_int("update_number", update_number, minimum=1,
+                fix="count the run's updates from 1")
+    require_int("warmup_updates", warmup_updates, minimum=0,
+                fix="use 0 for no warm-up, or the number of updates to warm up over")
+    if warmup_updates == 0 or update_number >= warmup_updates:
+        return 1.0
+    return update_number / warmup_updates
 
 
 def build_schedule(config: ScheduleConfig, dataset_size: int) -> Schedule:

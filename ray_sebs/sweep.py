@@ -40,6 +40,7 @@ from ray_sebs.comparison import Comparison, check_target_accuracy, compare
 from ray_sebs.comparison_report import write_comparison
 from ray_sebs.errors import ConfigError, root_cause_line
 from ray_sebs.history import count_noun
+from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ClusterConfig
 from ray_sebs.records import read_record, refuse_other_settings, write_record
 from ray_sebs.resources import (
@@ -81,6 +82,13 @@ class SweepSettings:
     checkpoint_every_epochs: int | None = None
     checkpoint_every_s: float | None = DEFAULT_CHECKPOINT_EVERY_S
     """Each trial's checkpoint cadence (:class:`~ray_sebs.trainer.SEBSTrainer`)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Momentum, weight decay and gradient clipping; each trial sets the name (its
+    configuration's optimizer)."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (``ray-sebs tune --precision``), for every trial."""
+    cache_data: str = "none"
+    """Where every trial's ranks keep their data (``ray-sebs tune --cache-data``)."""
     prefetch_lead_time_s: float | None = None
     """Autoscaler prefetch (:mod:`ray_sebs.autoscale`); only with one trial at a time, since a
     resource request is one target for the whole cluster and concurrent trials would overwrite
@@ -106,7 +114,6 @@ def run_trial(config: dict[str, Any], settings: SweepSettings) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_sebs.data import load_data
-    from ray_sebs.optim import OptimizerConfig
     from ray_sebs.trainer import SEBSTrainer
 
     spec = TrialSpec.from_dict(config["trial"])
@@ -118,13 +125,14 @@ def run_trial(config: dict[str, Any], settings: SweepSettings) -> None:
     trainer = SEBSTrainer(
         functools.partial(seeded_model, settings.model, data.input_shape, data.num_classes, spec.seed),
         datasets=datasets, schedule=configuration.schedule(settings.schedule), cluster=settings.cluster,
-        optimizer=OptimizerConfig(name=configuration.optimizer),
+        optimizer=replace(settings.optimizer, name=configuration.optimizer),
         run_config=RunConfig(name=spec.slug, storage_path=settings.runs_dir,
                              failure_config=FailureConfig(max_failures=settings.max_failures),
                              callbacks=[TuneReportCallback()]),
         seed=spec.seed, prefetch_lead_time_s=settings.prefetch_lead_time_s,
         checkpoint_every_epochs=settings.checkpoint_every_epochs,
-        checkpoint_every_s=settings.checkpoint_every_s, lock=False)
+        checkpoint_every_s=settings.checkpoint_every_s, precision=settings.precision,
+        cache_data=settings.cache_data, lock=False)
     result = trainer.fit()
     write_bytes(f"{result.run_dir}/{HISTORY_FILE}", json.dumps(result.history, indent=1).encode())
 
@@ -182,9 +190,11 @@ class SweepResult:
 
 
 def sweep_fingerprint(space: SweepSpace, schedule: ScheduleConfig, dataset: DatasetConfig, model: str,
-                      dataset_size: int | None = None) -> dict[str, Any]:
+                      dataset_size: int | None = None, *,
+                      optimizer: OptimizerConfig | None = None) -> dict[str, Any]:
     """What must not change when a sweep is resumed: Tune cannot change a restored grid.
-    ``dataset_size`` ``None`` leaves it out (a check before the data is loaded)."""
+    ``dataset_size`` ``None`` leaves it out (a check before the data is loaded); so does
+    ``optimizer`` ``None`` (its name is swept; its other settings are every trial's)."""
     base = asdict(schedule)
     for swept in ("kind", "growth_ratio", "learning_rate", "initial_batch_size"):
         base.pop(swept)
@@ -192,6 +202,8 @@ def sweep_fingerprint(space: SweepSpace, schedule: ScheduleConfig, dataset: Data
     document = {"space": space.to_dict(), "schedule": base, "dataset": data, "model": model}
     if dataset_size is not None:
         document["dataset_size"] = dataset_size
+    if optimizer is not None:
+        document["optimizer"] = {key: value for key, value in asdict(optimizer).items() if key != "name"}
     # Through JSON, so that it compares equal to the recorded copy (tuples become lists).
     return json.loads(json.dumps(document))
 
@@ -214,6 +226,9 @@ def run_sweep(
     dataset: DatasetConfig,
     dataset_size: int,
     model: str = "mlp",
+    optimizer: OptimizerConfig | None = None,
+    precision: str = "fp32",
+    cache_data: str = "none",
     name: str,
     storage_path: str,
     target_accuracy: float | None = None,
@@ -227,6 +242,10 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Run (or resume) the sweep on the connected Ray cluster and write the comparison.
+
+    ``optimizer`` gives every trial its momentum, weight decay and clipping (default:
+    :class:`OptimizerConfig`'s); each trial's configuration names the optimizer. ``precision``
+    (``fp32`` or ``bf16``) and ``cache_data`` are every trial's.
 
     ``dataset_size`` is the training rows of ``dataset`` (the split's size does not depend on
     the seed); every configuration is planned with it before any trial starts. With ``asha``,
@@ -259,13 +278,16 @@ def run_sweep(
     experiment_dir = f"{storage.rstrip('/')}/{name}"
     # One driver per sweep directory; its trials then need no lock of their own.
     with RunLock(experiment_dir, name=name, what="sweep"):
-        fingerprint = sweep_fingerprint(space, schedule, dataset, model, dataset_size)
+        optimizer = optimizer or OptimizerConfig()
+        fingerprint = sweep_fingerprint(space, schedule, dataset, model, dataset_size,
+                                        optimizer=optimizer)
         if not check_same_sweep(experiment_dir, name, fingerprint):
             write_record(f"{experiment_dir}/{SWEEP_RECORD}", fingerprint)
 
         settings = SweepSettings(
-            schedule=schedule, cluster=sized, dataset=dataset, model=model,
-            runs_dir=f"{experiment_dir}/{RUNS_DIR}", max_failures=max_failures,
+            schedule=schedule, cluster=sized, dataset=dataset, model=model, optimizer=optimizer,
+            precision=precision, cache_data=cache_data, runs_dir=f"{experiment_dir}/{RUNS_DIR}",
+            max_failures=max_failures,
             checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_every_s=checkpoint_every_s,
             prefetch_lead_time_s=None if concurrency.max_concurrent_trials > 1 else _default_lead_time())
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),

@@ -51,9 +51,11 @@ class Configuration:
                 f"-lr{format_number(self.learning_rate)}-b{self.batch_size}")
 
     def schedule(self, base: ScheduleConfig) -> ScheduleConfig:
-        """``base`` (stages, epochs, cap, granularity) with this configuration's schedule."""
+        """``base`` (stages, epochs, cap, granularity) with this configuration's schedule; its
+        ``lr_scaling``, when ``base`` leaves it to the optimizer, is this optimizer's."""
         return replace(base, kind=self.kind, growth_ratio=self.ratio,
-                       learning_rate=self.learning_rate, initial_batch_size=self.batch_size)
+                       learning_rate=self.learning_rate,
+                       initial_batch_size=self.batch_size).for_optimizer(self.optimizer)
 
 
 def group_label(group: tuple[str, float, int]) -> str:

@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer
 
 from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
 from ray_sebs.console import RunConsole
+from ray_sebs.data import CACHE_MODES
 from ray_sebs.errors import (
     CheckpointError,
     ConfigError,
@@ -46,7 +47,7 @@ from ray_sebs.errors import (
     require_int,
 )
 from ray_sebs.history import change_totals, worker_seconds
-from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, PRECISIONS, SegmentConfig, train_segment
+from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, SegmentConfig, train_segment
 from ray_sebs.objective import (
     BatchLossFn,
     LossFn,
@@ -57,7 +58,7 @@ from ray_sebs.objective import (
     cross_entropy_per_sample,
     sum_and_count,
 )
-from ray_sebs.optim import OptimizerConfig
+from ray_sebs.optim import PRECISIONS, OptimizerConfig
 from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
 from ray_sebs.records import read_record, refuse_other_settings, write_record
 from ray_sebs.report import TENSORBOARD_DIR, TensorBoardWriter
@@ -133,6 +134,10 @@ class SEBSTrainer:
         precision: ``fp32``, or ``bf16``: the forward and the loss under ``torch.autocast`` to
             bfloat16 (on GPUs, and on CPUs where torch supports it); weights, gradients and the
             optimizer stay fp32.
+        cache_data: Where each rank's update batches come from (:class:`~ray_sebs.loop.ShardBatches`):
+            ``none`` streams its Ray Data shard every epoch (data of any size); ``host`` or
+            ``device`` reads the shard once per worker group into host memory or onto the
+            worker's device and shuffles it by index each epoch, for shards that fit.
         run_config: Ray's ``RunConfig``: ``name``, ``storage_path`` (shared storage on a multi-node
             cluster), ``failure_config``, ``callbacks``. Its ``checkpoint_config`` is replaced:
             ray-sebs checkpoints at epoch ends, as the next two arguments say.
@@ -165,6 +170,7 @@ class SEBSTrainer:
         batch_loss_fn: BatchLossFn | None = None,
         eval_fn: MetricsFn | None = None,
         precision: str = "fp32",
+        cache_data: str = "none",
         run_config: RunConfig | None = None,
         seed: int = 0,
         prefetch_lead_time_s: float | None = DEFAULT_LEAD_TIME_S,
@@ -182,10 +188,11 @@ class SEBSTrainer:
                               "use only 'train' and 'validation'")
         self.model_factory = model_factory
         self.datasets = dict(datasets)
-        self.schedule = schedule
         self.cluster = cluster or ClusterConfig()
         self.optimizer = optimizer if isinstance(optimizer, OptimizerConfig) \
             else OptimizerConfig(name=optimizer)
+        # lr_scaling=None follows the optimizer: sqrt for Adam and AdamW, linear for the others.
+        self.schedule = schedule.for_optimizer(self.optimizer.name)
         if loss_fn is not None and batch_loss_fn is not None:
             raise ConfigError("loss_fn", loss_fn, "is given with batch_loss_fn",
                               "give batch_loss_fn(model, batch) alone: it computes the whole loss")
@@ -201,7 +208,11 @@ class SEBSTrainer:
             self.objective = replace(objective, metrics=eval_fn or objective.metrics)
         else:
             self.objective = Objective(loss=batch_loss_fn, metrics=eval_fn)
+        if cache_data not in CACHE_MODES:
+            raise ConfigError("cache_data", cache_data, "is not a place to cache the data",
+                              f"use one of {', '.join(CACHE_MODES)}")
         self.precision = precision
+        self.cache_data = cache_data
         self.custom_objective = batch_loss_fn is not None or eval_fn is not None
         self.run_config = run_config or RunConfig()
         self.seed = seed
@@ -318,6 +329,7 @@ class SEBSTrainer:
                 plan=plan, segment_index=segment.index, model_factory=self.model_factory,
                 optimizer=self.optimizer, objective=self.objective, seed=self.seed,
                 has_validation="validation" in self.datasets, precision=self.precision,
+                cache_data=self.cache_data,
                 workers=workers,
                 checkpoint_every_epochs=self.checkpoint_every_epochs,
                 checkpoint_every_s=self.checkpoint_every_s, progress_queue=progress_queue,

@@ -26,8 +26,6 @@ def ray_cluster() -> Iterator[None]:
 
     if ray.is_initialized():
         ray.shutdown()
-    # address="local": a new Ray for this module, even while another one started with `ray start`
-    # runs on the machine (a plain ray.init() joins that one, and refuses num_cpus there).
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -59,7 +59,7 @@ def test_scaling_model_smoke() -> None:
 def test_sebs_vs_ssgd_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert load("sebs_vs_ssgd").main(["--smoke"]) == 0
     output = capsys.readouterr().out
-    assert "updates SEBS / SSGD" in output
+    assert "sebs:linear: updates / SSGD's" in output
     assert "final val acc" in output
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -21,7 +22,9 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "ray-sebs"
 
 ALL_FLAGS = ("--schedule", "--batch-size", "--ratio", "--stages", "--epochs-per-stage", "--lr",
              "--max-batch-size", "--batch-granularity", "--dataset-size", "--min-workers",
-             "--max-workers", "--max-micro-batch", "--use-gpu", "--resources-per-worker", "--json")
+             "--max-workers", "--max-micro-batch", "--use-gpu", "--resources-per-worker", "--json",
+             "--lr-scaling", "--warmup-updates", "--optimizer", "--momentum", "--weight-decay",
+             "--clip-grad-norm")
 
 TABLE_COLUMNS = ("stage", "epochs", "batch", "lr", "workers", "micro x accum", "updates", "samples")
 
@@ -112,6 +115,47 @@ def test_hybrid_cap_in_the_table(capsys):
     assert [float(row[3]) for row in rows] == pytest.approx([0.1, 0.1, 0.0625, 0.03125])
 
 
+def test_adamw_plan_uses_the_sqrt_law_and_says_so(capsys):
+    assert main([*WORKED, "--max-batch-size", "40", "--optimizer", "adamw"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert [row[2] for row in rows] == ["16", "32", "40", "40"]
+    # eta_1 / sqrt(rho)^(s-1) while the batch grows; past the cap, / rho per stage.
+    expected = [0.1, 0.1 / math.sqrt(2), 0.1 * math.sqrt(40 / 16) / 4, 0.1 * math.sqrt(40 / 16) / 8]
+    assert [float(row[3]) for row in rows] == pytest.approx(expected, rel=1e-5)
+    assert "lr rule: sqrt (eta_s = eta_1 * (B_s/B_1)^0.5 / rho^(s-1)), optimizer adamw" in out
+    assert "warm-up" not in out
+
+
+@pytest.mark.parametrize(("flags", "rule"), [
+    ([], "lr rule: linear (eta_s = eta_1 * (B_s/B_1)^1 / rho^(s-1)), optimizer sgd"),
+    (["--optimizer", "adam", "--lr-scaling", "linear"],
+     "lr rule: linear (eta_s = eta_1 * (B_s/B_1)^1 / rho^(s-1)), optimizer adam"),
+    (["--optimizer", "momentum", "--lr-scaling", "sqrt"],
+     "lr rule: sqrt (eta_s = eta_1 * (B_s/B_1)^0.5 / rho^(s-1)), optimizer momentum"),
+    (["--schedule", "ssgd", "--optimizer", "adamw"],
+     "lr rule: ssgd (eta_s = eta_1 / rho^(s-1)), optimizer adamw"),
+    (["--warmup-updates", "200"],
+     "lr rule: linear (eta_s = eta_1 * (B_s/B_1)^1 / rho^(s-1)), optimizer sgd, linear warm-up over 200 "
+     "updates"),
+])
+def test_plan_states_the_learning_rate_rule(flags, rule, capsys):
+    assert main([*WORKED, *flags]) == 0
+    assert rule in capsys.readouterr().out.splitlines()
+
+
+def test_json_has_the_resolved_lr_scaling_and_the_warmup(capsys):
+    assert main([*WORKED, "--optimizer", "adamw", "--warmup-updates", "50", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["schedule"]["lr_scaling"] == "sqrt"
+    assert document["schedule"]["warmup_updates"] == 50
+    assert [s["learning_rate"] for s in document["stages"]] == pytest.approx(
+        [0.1 / math.sqrt(2) ** s for s in range(4)], rel=1e-12)
+    assert main([*WORKED, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["schedule"]["lr_scaling"], document["schedule"]["warmup_updates"]) == ("linear", 0)
+
+
 def test_ssgd_plan_has_no_comparison_line(capsys):
     assert main([*WORKED, "--schedule", "ssgd"]) == 0
     out = capsys.readouterr().out
@@ -184,6 +228,12 @@ BAD_ARGUMENTS = [
     (["--resources-per-worker", "CPU=-1"], "--resources-per-worker", "-1"),
     # NCCL would refuse two ranks on one GPU only after the workers start.
     (["--use-gpu", "--resources-per-worker", "CPU=1,GPU=0.5"], "--resources-per-worker", "GPU=0.5"),
+    (["--lr-scaling", "log"], "--lr-scaling", "log"),
+    (["--warmup-updates", "-1"], "--warmup-updates", "-1"),
+    (["--clip-grad-norm", "0"], "--clip-grad-norm", "0"),
+    (["--clip-grad-norm", "inf"], "--clip-grad-norm", "inf"),
+    (["--weight-decay", "-1"], "--weight-decay", "-1"),
+    (["--optimizer", "lamb"], "--optimizer", "lamb"),
 ]
 
 

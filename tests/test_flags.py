@@ -20,11 +20,13 @@ from ray_sebs.flags import (
     FLAG_OF_FIELD,
     cluster_config_from_args,
     dataset_config_from_args,
+    optimizer_config_from_args,
     schedule_config_from_args,
     to_flags,
 )
+from ray_sebs.optim import OPTIMIZERS, OptimizerConfig
 from ray_sebs.plan import ClusterConfig, build_plan
-from ray_sebs.schedule import SCHEDULE_KINDS, ScheduleConfig
+from ray_sebs.schedule import LR_SCALINGS, SCHEDULE_KINDS, ScheduleConfig
 
 SETTINGS = settings(max_examples=150, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -45,7 +47,16 @@ def schedules(draw: st.DrawFn) -> ScheduleConfig:
         kind=draw(st.sampled_from(SCHEDULE_KINDS)), initial_batch_size=first,
         growth_ratio=draw(st.sampled_from([1, 2]) | st.floats(1, 64, allow_nan=False)),
         num_stages=stages, epochs_per_stage=epochs, learning_rate=draw(numbers),
-        max_batch_size=draw(st.none() | st.integers(first, 10**6)), batch_granularity=granularity)
+        max_batch_size=draw(st.none() | st.integers(first, 10**6)), batch_granularity=granularity,
+        lr_scaling=draw(st.none() | st.sampled_from(LR_SCALINGS)),
+        warmup_updates=draw(st.integers(0, 10**6)))
+
+
+optimizers = st.builds(
+    OptimizerConfig, name=st.sampled_from(OPTIMIZERS),
+    momentum=st.sampled_from([0, 0.9]) | st.floats(0, 1, exclude_max=True, allow_nan=False),
+    weight_decay=st.sampled_from([0, 1e-4]) | st.floats(0, 1e3, allow_nan=False),
+    clip_grad_norm=st.none() | st.sampled_from([1, 0.5]) | numbers)
 
 
 resource_names = st.sampled_from(["CPU", "GPU", "memory", "accel_x", "TPU-v5"])
@@ -91,40 +102,42 @@ def parse(command: str, flags: list[str]) -> argparse.Namespace:
 
 
 @SETTINGS
-@given(schedules(), clusters(), datasets())
-def test_configs_written_as_flags_parse_back_to_the_same_configs(schedule, cluster, dataset):
+@given(schedules(), clusters(), datasets(), optimizers)
+def test_configs_written_as_flags_parse_back_to_the_same_configs(schedule, cluster, dataset, optimizer):
     flags = [*to_flags(schedule, "schedule"), *to_flags(cluster, "cluster"),
-             *to_flags(dataset, "dataset")]
+             *to_flags(dataset, "dataset"), *to_flags(optimizer, "optimizer")]
     args = parse("train", flags)
     assert schedule_config_from_args(args) == schedule
     assert cluster_config_from_args(args) == cluster
     assert dataset_config_from_args(args) == dataset
+    assert optimizer_config_from_args(args) == optimizer
     # The same text through a shell: what a job's entrypoint holds.
     assert parse("train", shlex.split(shlex.join(flags))) == args
 
 
 @SETTINGS
-@given(schedules(), clusters())
-def test_the_flags_a_rayjob_trains_with_reproduce_the_plan(schedule, cluster):
-    flags = kuberay.plan_flags(schedule, cluster)
+@given(schedules(), clusters(), st.none() | optimizers)
+def test_the_flags_a_rayjob_trains_with_reproduce_the_plan(schedule, cluster, optimizer):
+    flags = kuberay.plan_flags(schedule, cluster, optimizer)
     for command in ("plan", "train"):
         args = parse(command, flags)
         assert schedule_config_from_args(args) == schedule
+        assert optimizer_config_from_args(args) == (optimizer or OptimizerConfig())
         # The job spells the worker bundle out: the pods are sized for it.
         assert cluster_config_from_args(args) == replace(
             cluster, resources_per_worker=cluster.worker_bundle())
 
 
 @SETTINGS
-@given(schedules(), clusters(),
+@given(schedules(), clusters(), optimizers,
        st.builds(kuberay.Sweep,
                  ratios=st.lists(st.sampled_from([1, 1.5, 2]) | st.floats(1, 8, allow_nan=False),
                                  min_size=1, max_size=4).map(tuple),
                  kinds=st.lists(st.sampled_from(SCHEDULE_KINDS), min_size=1, max_size=3).map(tuple),
                  seeds=st.integers(1, 9)))
-def test_the_tune_job_entrypoint_parses_back_to_its_sweep(schedule, cluster, sweep):
+def test_the_tune_job_entrypoint_parses_back_to_its_sweep(schedule, cluster, optimizer, sweep):
     entrypoint = shlex.split(kuberay.tune_entrypoint(schedule, cluster, sweep, storage_path="s3://b/r",
-                                                     name="growth"))
+                                                     name="growth", optimizer=optimizer))
     assert entrypoint[:2] == ["python", kuberay.TUNE_SCRIPT]
     args = parse("tune", entrypoint[2:])
     assert kuberay.Sweep(ratios=args.ratios, kinds=args.schedules, seeds=args.seeds) == sweep
@@ -133,6 +146,7 @@ def test_the_tune_job_entrypoint_parses_back_to_its_sweep(schedule, cluster, swe
     assert schedule_config_from_args(argparse.Namespace(**{
         **vars(args), "schedule": schedule.kind, "ratio": schedule.growth_ratio})) == replace(
         schedule, **swept)
+    assert optimizer_config_from_args(args) == optimizer
     assert (args.storage_path, args.name) == ("s3://b/r", "growth")
 
 
@@ -151,10 +165,13 @@ def test_defaults_are_the_configs_defaults_but_five_epochs_a_stage():
     assert schedule_config_from_args(args) == ScheduleConfig(epochs_per_stage=5)
     assert cluster_config_from_args(args) == ClusterConfig()
     assert dataset_config_from_args(args) == DatasetConfig()
+    assert optimizer_config_from_args(args) == OptimizerConfig()
+    assert args.precision == "fp32"
 
 
 def test_every_config_field_and_every_parser_flag_is_in_the_table(capsys):
-    for config, cls in (("schedule", ScheduleConfig), ("cluster", ClusterConfig)):
+    for config, cls in (("schedule", ScheduleConfig), ("cluster", ClusterConfig),
+                        ("optimizer", OptimizerConfig)):
         assert {flag.config_attribute for flag in ALL_FLAGS if flag.config == config} == \
             {f.name for f in fields(cls)}
         for f in fields(cls):
@@ -165,3 +182,12 @@ def test_every_config_field_and_every_parser_flag_is_in_the_table(capsys):
             build_parser().parse_args([command, "--help"])
         listed = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", capsys.readouterr().out))
         assert listed and listed <= table, (command, listed - table)
+
+
+def test_precision_is_a_train_and_tune_flag_only():
+    assert parse("train", ["--precision", "bf16"]).precision == "bf16"
+    assert parse("tune", ["--precision", "bf16"]).precision == "bf16"
+    with pytest.raises(SystemExit):
+        parse("train", ["--precision", "fp16"])
+    with pytest.raises(SystemExit):
+        parse("plan", ["--precision", "bf16"])

@@ -121,7 +121,8 @@ def entrypoint_plans(job: Mapping[str, Any]) -> tuple[str, list[ElasticPlan]]:
     parser = build_parser()
     if script == kuberay.TRAIN_SCRIPT:
         args = parser.parse_args(["train", *flags])
-        plan = build_plan(schedule_config_from_args(args), SIZING_ROWS, cluster_config_from_args(args))
+        plan = build_plan(schedule_config_from_args(args).for_optimizer(args.optimizer), SIZING_ROWS,
+                          cluster_config_from_args(args))
         return script, [plan]
     assert script == kuberay.TUNE_SCRIPT, script
     if "tune" in subcommands():
@@ -145,7 +146,9 @@ def emit(tmp_path: Path, flags: list[str], *extra: str) -> tuple[int, dict[str, 
     code = main(["plan", *flags, "--emit-kuberay", str(path), *extra])
     args = build_parser().parse_args(["plan", *flags])
     rows = args.dataset_size or default_dataset_size()
-    plan = build_plan(schedule_config_from_args(args), rows, cluster_config_from_args(args))
+    # As `ray-sebs plan` does: --lr-scaling left out is the optimizer's.
+    plan = build_plan(schedule_config_from_args(args).for_optimizer(args.optimizer), rows,
+                      cluster_config_from_args(args))
     return code, (yaml.safe_load(path.read_text()) if path.exists() else {}), plan
 
 
@@ -396,8 +399,8 @@ def test_plan_flags_spell_out_every_setting() -> None:
     flags = kuberay.plan_flags(schedule, cluster)
     assert " ".join(flags) == (
         "--schedule ssgd --batch-size 24 --ratio 1.5 --stages 3 --epochs-per-stage 1,2,3 --lr 0.05 "
-        "--max-batch-size 48 --batch-granularity 4 --min-workers 2 --max-workers 6 --max-micro-batch 12 "
-        "--use-gpu --resources-per-worker CPU=2.5,GPU=1")
+        "--max-batch-size 48 --batch-granularity 4 --warmup-updates 0 --min-workers 2 --max-workers 6 "
+        "--max-micro-batch 12 --use-gpu --resources-per-worker CPU=2.5,GPU=1")
     args = build_parser().parse_args(["plan", *flags])
     assert schedule_config_from_args(args) == schedule
     assert cluster_config_from_args(args) == cluster

@@ -20,6 +20,7 @@ from ray.train import FailureConfig, RunConfig
 
 from ray_sebs import ClusterConfig, ConfigError, ScheduleConfig
 from ray_sebs.objective import Summed
+from ray_sebs.optim import OptimizerConfig
 from ray_sebs.report import write_history
 from ray_sebs.trainer import SEBSTrainer, load_checkpoint_state
 
@@ -61,41 +62,50 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Summed
     return Summed(losses[valid.reshape(-1)].sum(), valid.sum())
 
 
-def reference_step(rows: list[dict[str, np.ndarray]],
-                   lr: float) -> tuple[dict[str, torch.Tensor], float, int]:
-    """One SGD step on the mean token loss over the whole batch, in one process."""
+def reference_step(rows: list[dict[str, np.ndarray]], lr: float,
+                   clip: float | None = None) -> tuple[dict[str, torch.Tensor], float, int]:
+    """One SGD step on the mean token loss over the whole batch, in one process, its gradient
+    clipped to a global norm of ``clip``."""
     model = bigram_model()
     batch = {"tokens": torch.from_numpy(np.stack([row["tokens"] for row in rows]))}
     summed = token_loss(model, batch)
     loss = summed.total / summed.count
     loss.backward()
+    if clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        assert norm > 2 * clip, "the clip must bind for the test to mean anything"
     with torch.no_grad():
         for parameter in model.parameters():
             parameter -= lr * parameter.grad
     return copy.deepcopy(model.state_dict()), loss.item(), int(summed.count)
 
 
-@pytest.mark.parametrize(("batch", "workers", "max_micro", "expected_accumulation"), [
-    (10, 2, 3, 2),  # two ranks of 5 rows, each as micro-batches 3 + 2, uneven tokens everywhere
-    (9, 1, 4, 3),   # one rank accumulating 3 + 3 + 3
+@pytest.mark.parametrize(("batch", "workers", "max_micro", "expected_accumulation", "clip", "warmup"), [
+    (10, 2, 3, 2, None, 0),  # two ranks of 5 rows, each as micro-batches 3 + 2, uneven tokens everywhere
+    # One rank accumulating 3 + 3 + 3, in a 3-update warm-up: the one update runs at lr / 3.
+    (9, 1, 4, 3, None, 3),
+    # Clipped: the norm is of the whole update's gradient, after the all-reduce and the division
+    # by the global count, so it is the single process's norm. (Clipping hides a wrong gradient
+    # scale, hence the unclipped cases above.)
+    (10, 2, 3, 2, 0.05, 0),
 ])
 def test_a_token_weighted_update_equals_the_full_batch_mean_over_tokens(
-        tmp_path, batch, workers, max_micro, expected_accumulation):
+        tmp_path, batch, workers, max_micro, expected_accumulation, clip, warmup):
     rows = token_rows(batch, seed=batch)
     trainer = SEBSTrainer(
         bigram_model, datasets={"train": ray.data.from_items(rows)},
         schedule=ScheduleConfig(initial_batch_size=batch, growth_ratio=1, num_stages=1,
-                                epochs_per_stage=1, learning_rate=0.5),
+                                epochs_per_stage=1, learning_rate=0.5, warmup_updates=warmup),
         cluster=ClusterConfig(min_workers=workers, max_workers=workers, max_micro_batch=max_micro,
                               resources_per_worker={"CPU": 0.5}),
-        batch_loss_fn=token_loss,
+        optimizer=OptimizerConfig(name="sgd", clip_grad_norm=clip), batch_loss_fn=token_loss,
         run_config=RunConfig(name=f"tokens-{batch}-{workers}", storage_path=str(tmp_path),
                              failure_config=FailureConfig(max_failures=0)))
     result = trainer.fit()
     (record,) = result.history
     assert (record["world_size"], record["accumulation_steps"]) == (workers, expected_accumulation)
     assert record["samples_per_update_min"] == record["samples_per_update_max"] == batch
-    expected, expected_loss, tokens = reference_step(rows, lr=0.5)
+    expected, expected_loss, tokens = reference_step(rows, lr=0.5 / max(warmup, 1), clip=clip)
     assert record["train_loss_count"] == tokens, "the epoch's loss is a mean over its tokens"
     assert record["train_loss"] == pytest.approx(expected_loss, rel=1e-5)
     trained = load_checkpoint_state(result.checkpoint)["model"]
@@ -139,7 +149,7 @@ def regression_metrics(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     return {"loss": error**2, "mae": error.abs()}
 
 
-def test_a_two_input_model_grows_with_its_own_loss_and_metrics(tmp_path):
+def test_a_two_input_model_grows_with_its_own_loss_metrics_and_cached_data(tmp_path):
     run_config = RunConfig(name="two-inputs", storage_path=str(tmp_path),
                            failure_config=FailureConfig(max_failures=0))
     trainer = SEBSTrainer(
@@ -147,14 +157,17 @@ def test_a_two_input_model_grows_with_its_own_loss_and_metrics(tmp_path):
         datasets={"train": ray.data.from_items(two_input_rows(96, seed=1)),
                   "validation": ray.data.from_items(two_input_rows(30, seed=2))},
         schedule=ScheduleConfig(initial_batch_size=8, growth_ratio=2, num_stages=2,
-                                epochs_per_stage=2, learning_rate=0.05),
+                                epochs_per_stage=2, learning_rate=0.02),
         cluster=ClusterConfig(min_workers=1, max_workers=2, max_micro_batch=8,
                               resources_per_worker={"CPU": 0.5}),
-        optimizer="momentum", batch_loss_fn=squared_error, eval_fn=regression_metrics,
-        precision="bf16", run_config=run_config)
+        optimizer=OptimizerConfig(name="adamw", weight_decay=0.01), batch_loss_fn=squared_error,
+        eval_fn=regression_metrics, precision="bf16", cache_data="host", run_config=run_config)
     result = trainer.fit()
     history = result.history
     assert [record["world_size"] for record in history] == [1, 1, 2, 2]
+    # AdamW follows the square-root law by default: the batch doubles, the rate goes down by √2.
+    assert [record["learning_rate"] for record in history] == pytest.approx([0.02, 0.02, 0.02 / 2**0.5,
+                                                                             0.02 / 2**0.5])
     for record in history:
         assert record["samples_per_update_min"] == record["samples_per_update_max"] \
             == record["global_batch_size"]

@@ -16,7 +16,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ray_sebs.errors import ConfigError
-from ray_sebs.schedule import ScheduleConfig, build_schedule, stage_batch_and_lr
+from ray_sebs.optim import LR_SCALING_OF_OPTIMIZER, OPTIMIZERS, OptimizerConfig, default_lr_scaling
+from ray_sebs.schedule import (
+    LR_SCALINGS,
+    SCHEDULE_KINDS,
+    ScheduleConfig,
+    build_schedule,
+    stage_batch_and_lr,
+    warmup_factor,
+)
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
@@ -377,3 +385,166 @@ def test_valid_edge_configs_are_accepted():
     assert ScheduleConfig(num_stages=3, epochs_per_stage=[1, 2, 3]).epochs_per_stage == (1, 2, 3)
     schedule = build_schedule(ScheduleConfig(initial_batch_size=5, num_stages=1, epochs_per_stage=1), 5)
     assert schedule.total_updates == 1
+
+
+# --------------------------------------------------------------------------------------------
+# --lr-scaling: the law tying the learning rate to the batch, and the warm-up
+# --------------------------------------------------------------------------------------------
+
+
+def todays_rule(config: ScheduleConfig, stage: int) -> tuple[int, float]:
+    """The rule before ``lr_scaling`` existed, kept verbatim: ``linear`` must reproduce it bit for
+    bit."""
+    g = config.batch_granularity
+    if config.kind == "ssgd":
+        return config.initial_batch_size, config.learning_rate / config.growth_ratio ** (stage - 1)
+    if config.kind == "constant":
+        return config.initial_batch_size, config.learning_rate
+    ideal = config.initial_batch_size * config.growth_ratio ** (stage - 1)
+    batch = g * max(1, math.floor(ideal / g + 0.5))
+    if config.max_batch_size is not None:
+        cap = g * (config.max_batch_size // g)
+        if batch > cap:
+            return cap, config.learning_rate * cap / ideal
+    return batch, config.learning_rate
+
+
+kinds = st.sampled_from(SCHEDULE_KINDS)
+
+
+@PROPERTY_SETTINGS
+@given(st.data())
+def test_linear_and_unset_scaling_are_todays_rule_exactly(data):
+    config = data.draw(schedule_configs(kind=data.draw(kinds)))
+    for scaling in (None, "linear"):
+        scaled = replace(config, lr_scaling=scaling)
+        for s in range(1, config.num_stages + 1):
+            assert stage_batch_and_lr(scaled, s) == todays_rule(config, s)
+
+
+@PROPERTY_SETTINGS
+@given(st.data())
+def test_ssgd_and_constant_do_not_depend_on_the_scaling(data):
+    config = data.draw(schedule_configs(kind=data.draw(st.sampled_from(["ssgd", "constant"]))))
+    for s in range(1, config.num_stages + 1):
+        assert stage_batch_and_lr(replace(config, lr_scaling="sqrt"), s) == todays_rule(config, s)
+
+
+@PROPERTY_SETTINGS
+@given(schedule_configs())
+def test_sqrt_gives_eta1_over_sqrt_rho_while_the_batch_grows_and_decays_by_rho_past_the_cap(config):
+    config = replace(config, lr_scaling="sqrt")
+    eta, rho, b1 = config.learning_rate, config.growth_ratio, config.initial_batch_size
+    previous = None
+    for s in range(1, config.num_stages + 1):
+        batch, lr = stage_batch_and_lr(config, s)
+        linear_batch, linear_lr = todays_rule(config, s)
+        assert batch == linear_batch  # the law changes the learning rate only
+        capped = linear_lr != eta  # past the cap (the linear rule decays only there)
+        unrounded = batch if capped else b1 * rho ** (s - 1)  # B~_s
+        if not capped:
+            assert lr == pytest.approx(eta / math.sqrt(rho) ** (s - 1), rel=1e-12)
+            # eta_s * sqrt(B~_s) stays eta_1 * sqrt(B_1) while the batch grows.
+            assert lr * math.sqrt(unrounded) == pytest.approx(eta * math.sqrt(b1), rel=1e-12)
+        else:
+            assert lr == pytest.approx(eta * math.sqrt(batch / b1) / rho ** (s - 1), rel=1e-12)
+            if previous is not None and previous[1]:
+                assert lr == pytest.approx(previous[0] / rho, rel=1e-12)
+        # Adam's analogue of eta/B: eta_s / sqrt(B~_s) is SSGD's eta_s / sqrt(B_1) at every stage.
+        ssgd_lr = eta / rho ** (s - 1)
+        assert lr / math.sqrt(unrounded) == pytest.approx(ssgd_lr / math.sqrt(b1), rel=1e-12)
+        previous = (lr, capped)
+
+
+def test_sqrt_worked_example():
+    # B1 = 16, rho = 2, cap 40: stages 16, 32, 40, 40.
+    config = ScheduleConfig(learning_rate=0.1, max_batch_size=40, lr_scaling="sqrt")
+    batches, rates = zip(*(stage_batch_and_lr(config, s) for s in range(1, 5)), strict=True)
+    assert batches == (16, 32, 40, 40)
+    assert rates == pytest.approx([0.1, 0.1 / math.sqrt(2), 0.1 * math.sqrt(40 / 16) / 4,
+                                   0.1 * math.sqrt(40 / 16) / 8], rel=1e-12)
+
+
+def test_for_optimizer_fills_in_the_optimizers_law_only_when_unset():
+    assert {name: ScheduleConfig().for_optimizer(name).lr_scaling for name in OPTIMIZERS} == {
+        "sgd": "linear", "momentum": "linear", "adagrad": "linear", "adam": "sqrt", "adamw": "sqrt"}
+    assert {name: default_lr_scaling(name) for name in OPTIMIZERS} == LR_SCALING_OF_OPTIMIZER
+    assert set(LR_SCALING_OF_OPTIMIZER.values()) <= set(LR_SCALINGS)
+    explicit = ScheduleConfig(lr_scaling="linear")
+    assert explicit.for_optimizer("adamw") is explicit
+    assert ScheduleConfig().resolved_lr_scaling == "linear"
+    with pytest.raises(ConfigError) as info:
+        default_lr_scaling("lamb")
+    assert info.value.field == "optimizer"
+
+
+@PROPERTY_SETTINGS
+@given(st.integers(1, 10**6))
+def test_warmup_factor_is_a_linear_ramp_to_one(warmup):
+    assert warmup_factor(1, warmup) == pytest.approx(1 / warmup)
+    assert warmup_factor(warmup, warmup) == 1.0
+    assert warmup_factor(warmup + 1, warmup) == 1.0
+    steps = sorted({1, 2, warmup // 3 + 1, warmup // 2 + 1, max(1, warmup - 1), warmup, warmup + 5})
+    factors = [warmup_factor(u, warmup) for u in steps]
+    assert factors == sorted(factors) and all(0 < f <= 1 for f in factors)
+    for u in steps:
+        assert warmup_factor(u, warmup) == pytest.approx(min(1, u / warmup), rel=1e-15)
+
+
+def test_no_warmup_is_a_factor_of_one():
+    assert [warmup_factor(u, 0) for u in (1, 2, 10**9)] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("args", "field"), [((0, 10), "update_number"), ((1, -1), "warmup_updates"),
+                                             ((1.0, 10), "update_number"), ((1, True), "warmup_updates")])
+def test_warmup_factor_refuses_bad_counts(args, field):
+    with pytest.raises(ConfigError) as info:
+        warmup_factor(*args)
+    assert info.value.field == field
+
+
+LR_BAD_FIELDS = [
+    ("lr_scaling", {"lr_scaling": "log"}, "'log'", "linear, sqrt"),
+    ("lr_scaling", {"lr_scaling": "Linear"}, "'Linear'", "linear, sqrt"),
+    ("warmup_updates", {"warmup_updates": -1}, "-1", "0 for no warm-up"),
+    ("warmup_updates", {"warmup_updates": 1.5}, "1.5", "0 for no warm-up"),
+    ("warmup_updates", {"warmup_updates": True}, "True", "0 for no warm-up"),
+]
+
+
+@pytest.mark.parametrize(("field", "kwargs", "shown", "fix"), LR_BAD_FIELDS,
+                         ids=[f"{f}-{s}" for f, _, s, _ in LR_BAD_FIELDS])
+def test_invalid_lr_scaling_and_warmup_name_field_value_and_fix(field, kwargs, shown, fix):
+    with pytest.raises(ConfigError) as info:
+        ScheduleConfig(**kwargs)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}={shown}")
+    assert fix in info.value.fix
+
+
+OPTIMIZER_BAD_FIELDS = [
+    ("clip_grad_norm", {"clip_grad_norm": 0}, "0"),
+    ("clip_grad_norm", {"clip_grad_norm": -1.0}, "-1.0"),
+    ("clip_grad_norm", {"clip_grad_norm": float("inf")}, "inf"),
+    ("clip_grad_norm", {"clip_grad_norm": float("nan")}, "nan"),
+    ("clip_grad_norm", {"clip_grad_norm": True}, "True"),
+    ("clip_grad_norm", {"clip_grad_norm": "1"}, "'1'"),
+    ("weight_decay", {"weight_decay": -0.1}, "-0.1"),
+    ("optimizer", {"name": "lamb"}, "'lamb'"),
+]
+
+
+@pytest.mark.parametrize(("field", "kwargs", "shown"), OPTIMIZER_BAD_FIELDS,
+                         ids=[f"{f}-{s}" for f, _, s in OPTIMIZER_BAD_FIELDS])
+def test_invalid_optimizer_config_names_field_and_value(field, kwargs, shown):
+    with pytest.raises(ConfigError) as info:
+        OptimizerConfig(**kwargs)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}={shown}")
+    assert info.value.fix
+
+
+def test_clip_grad_norm_accepts_positive_numbers_and_none():
+    assert OptimizerConfig().clip_grad_norm is None
+    assert OptimizerConfig(clip_grad_norm=1).clip_grad_norm == 1
+    assert OptimizerConfig(clip_grad_norm=0.5).clip_grad_norm == 0.5

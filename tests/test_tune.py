@@ -419,3 +419,39 @@ def test_a_recorded_sweep_with_other_settings_is_refused_before_ray_starts(tmp_p
     error = capsys.readouterr().err
     assert error.startswith("ray-sebs tune: error: --name='old': names an existing sweep with other "
                             "settings: schedule.epochs_per_stage 5 -> 3; use the original flags")
+
+
+def test_each_configuration_takes_its_own_optimizers_lr_scaling():
+    from dataclasses import replace
+
+    from ray_sebs.schedule import ScheduleConfig
+    from ray_sebs.sweep_space import sweep_plans
+
+    base = ScheduleConfig(epochs_per_stage=1, max_batch_size=48)
+    space = SweepSpace(ratios=(2.0,), kinds=("sebs", "ssgd"), seeds=(0,), optimizers=("sgd", "adamw"))
+    plans = sweep_plans(space, base, 1000, ClusterConfig())
+    scaling = {(c.kind, c.optimizer): plan.schedule.config.lr_scaling for c, plan in plans.items()
+               if c.kind != "constant"}
+    assert scaling == {("sebs", "sgd"): "linear", ("ssgd", "sgd"): "linear",
+                       ("sebs", "adamw"): "sqrt", ("ssgd", "adamw"): "sqrt"}
+    rates = {c.optimizer: [s.learning_rate for s in plan.schedule.stages]
+             for c, plan in plans.items() if c.kind == "sebs"}
+    assert rates["sgd"] == [0.1, 0.1, pytest.approx(0.1 * 48 / 64), pytest.approx(0.1 * 48 / 128)]
+    assert rates["adamw"] == pytest.approx(
+        [0.1, 0.1 / math.sqrt(2), 0.1 * math.sqrt(3) / 4, 0.1 * math.sqrt(3) / 8], rel=1e-12)
+    # --lr-scaling given: every configuration uses it.
+    explicit = sweep_plans(space, replace(base, lr_scaling="linear"), 1000, ClusterConfig())
+    assert {plan.schedule.config.lr_scaling for plan in explicit.values()} == {"linear"}
+
+
+def test_the_sweep_fingerprint_holds_the_shared_optimizer_settings():
+    from ray_sebs.data import DatasetConfig
+    from ray_sebs.optim import OptimizerConfig
+    from ray_sebs.schedule import ScheduleConfig
+    from ray_sebs.sweep import sweep_fingerprint
+
+    space = SweepSpace(ratios=(2.0,), seeds=(0,), optimizers=("sgd", "adamw"))
+    fingerprint = sweep_fingerprint(space, ScheduleConfig(), DatasetConfig(), "mlp",
+                                    optimizer=OptimizerConfig(weight_decay=0.01, clip_grad_norm=1.0))
+    assert fingerprint["optimizer"] == {"momentum": 0.9, "weight_decay": 0.01, "clip_grad_norm": 1.0}
+    assert "optimizer" not in sweep_fingerprint(space, ScheduleConfig(), DatasetConfig(), "mlp")
