@@ -5,7 +5,7 @@ micro-batches (the plan's decomposition at one worker):
 
 * ``ray-sebs``: :func:`ray_sebs.loop.train_update`, the function the training loop calls for every
   update (micro-batch split, summed per-sample loss times ``W / B``, epoch counters, step, and on
-  one update in ``NOISE_SAMPLE_EVERY`` the gradient noise measurement);
+  one update in ``UpdateRule.noise_every`` the gradient noise measurement);
 * ``ray-sebs, no noise``: the same without the noise measurement (``UpdateRule.noise_every=None``),
   whose cost is the ratio of the two (target <= 1.02, issue 16);
 * ``bare``: ``cross_entropy(model(x), y)`` (scaled by the micro-batch's share when accumulating),
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ray_sebs.data import DatasetConfig, synthetic_arrays
-from ray_sebs.loop import NOISE_SAMPLE_EVERY, EpochTally, UpdateRule, train_update
+from ray_sebs.loop import EpochTally, UpdateRule, train_update
 from ray_sebs.models import build_model
 from ray_sebs.objective import classification
 from ray_sebs.plan import decompose
@@ -98,11 +98,12 @@ def measure_case(case: Case, args: argparse.Namespace, device: torch.device) -> 
     bare_model, bare_optimizer = fresh()
 
     def sebs_runner(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    noise_every: int | None) -> Callable[[int], None]:
+                    measure_noise: bool) -> Callable[[int], None]:
         def run(updates: int) -> None:
             tally = EpochTally(device=device, updates_before=0)  # both made once per epoch in the loop
-            rule = replace(UpdateRule.for_epoch(split.loss_scale, 1, micro_batches, device),
-                           noise_every=noise_every)
+            rule = UpdateRule.for_epoch(split.loss_scale, 1, micro_batches, device)
+            if not measure_noise:
+                rule = replace(rule, noise_every=None)
             for index in range(updates):
                 features, labels = batches[index % len(batches)]
                 train_update(model, optimizer, OBJECTIVE, {"features": features, "label": labels},
@@ -110,8 +111,8 @@ def measure_case(case: Case, args: argparse.Namespace, device: torch.device) -> 
 
         return run
 
-    run_sebs = sebs_runner(sebs_model, sebs_optimizer, NOISE_SAMPLE_EVERY)
-    run_quiet = sebs_runner(quiet_model, quiet_optimizer, None)
+    run_sebs = sebs_runner(sebs_model, sebs_optimizer, True)
+    run_quiet = sebs_runner(quiet_model, quiet_optimizer, False)
 
     def run_bare(updates: int) -> None:
         for index in range(updates):

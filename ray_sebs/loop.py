@@ -22,11 +22,12 @@ One update, on every rank:
    step the optimizer: the gradient is exactly the mean over the stage's ``B`` samples (or over
    the global batch's count).
 
-Every ``NOISE_SAMPLE_EVERY``-th update also measures the gradient noise scale (McCandlish et al.
+One update in ``NOISE_SAMPLE_EVERY`` also measures the gradient noise scale (McCandlish et al.
 2018, arXiv 1812.06162, Appendix A): the squared norm of the first micro-batch's gradient (local,
 under ``no_sync``) and of the whole update's (after the all-reduce) are the two batch sizes its
 unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` need. An update of one micro-batch is split into
-two halves for it, which changes nothing but the rounding (accumulation is exact).
+two halves for it, which changes nothing but the rounding (accumulation is exact); such updates
+measure one in ``NOISE_SPLIT_EVERY``, since the split costs about one more update on small models.
 
 Ranks pull whole update batches rather than micro-batches from the iterator so that uneven splits
 (``B`` not divisible by the world size, or a rank's share not divisible by the accumulation steps)
@@ -72,8 +73,11 @@ NON_FINITE = "non_finite"
 :class:`~ray_sebs.errors.NonFiniteLossError`, which the driver raises."""
 EVAL_BATCH_SIZE = 1024
 NOISE_SAMPLE_EVERY = 32
-"""One update in this many measures the gradient noise: two gradient norms, and a split into two
-micro-batches when the update has one, which on a small model costs about one more update."""
+"""One update in this many measures the gradient noise when it has several micro-batches: two
+gradient norms and a few scalar ops (~100 us on a CPU)."""
+NOISE_SPLIT_EVERY = 128
+"""One update in this many measures it when the update has one micro-batch, which it splits into
+two halves: on a small model that costs about one more update (benchmarks/overhead.py)."""
 NOISE_SMOOTHING = 0.5
 """Weight of the previous epochs in the noise scale's moving averages (of ``|G|^2`` and
 ``tr(Sigma)``, each over an epoch's measurements first)."""
@@ -373,7 +377,7 @@ class UpdateRule:
     clip_grad_norm: float | None = None
     autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
     noise_every: int | None = NOISE_SAMPLE_EVERY
-    """Measure the gradient noise on every this many updates; ``None``: never (benchmarks)."""
+    """Measure the gradient noise on one update in this many; ``None``: never (benchmarks)."""
 
     @classmethod
     def for_epoch(cls, loss_scale: float, world_size: int, micro_batches: tuple[int, ...],
@@ -384,7 +388,8 @@ class UpdateRule:
         return cls(micro_batches=micro_batches, row_scale=torch.tensor(loss_scale, device=device),
                    global_batch_size=torch.tensor(float(global_batch_size), device=device),
                    world_scale=torch.tensor(float(world_size), device=device),
-                   clip_grad_norm=clip_grad_norm, autocast=autocast)
+                   clip_grad_norm=clip_grad_norm, autocast=autocast,
+                   noise_every=NOISE_SAMPLE_EVERY if len(micro_batches) > 1 else NOISE_SPLIT_EVERY)
 
 
 class ShardBatches:
@@ -506,8 +511,8 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
     """Steps 2-4 of one update on this rank: micro-batches, weighted backward, one optimizer step.
 
     A DDP ``model`` all-reduces only on the last micro-batch; a bare module (one worker) never
-    does. Every micro-step of an update must return the same loss form. Every
-    :data:`NOISE_SAMPLE_EVERY`-th update also estimates the gradient noise (:func:`noise_estimate`).
+    does. Every micro-step of an update must return the same loss form. One update in
+    ``rule.noise_every`` also measures the gradient noise (:func:`noise_estimate`).
     """
     no_sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) \
         else contextlib.nullcontext
