@@ -134,6 +134,10 @@ class SEBSTrainer:
         precision: ``fp32``, or ``bf16``: the forward and the loss under ``torch.autocast`` to
             bfloat16 (on GPUs, and on CPUs where torch supports it); weights, gradients and the
             optimizer stay fp32.
+        check_on_driver: Run ``batch_loss_fn`` (with its backward) and ``eval_fn`` once on the
+            driver's CPU, on two rows of each dataset, before any worker starts
+            (:func:`check_objective`); turn it off for a model that cannot run there (GPU-only
+            kernels, or too large for the driver's memory).
         cache_data: Where each rank's update batches come from (:class:`~ray_sebs.loop.ShardBatches`):
             ``none`` streams its Ray Data shard every epoch (data of any size); ``host`` or
             ``device`` reads the shard once per worker group into host memory or onto the
@@ -171,6 +175,7 @@ class SEBSTrainer:
         eval_fn: MetricsFn | None = None,
         precision: str = "fp32",
         cache_data: str = "none",
+        check_on_driver: bool = True,
         run_config: RunConfig | None = None,
         seed: int = 0,
         prefetch_lead_time_s: float | None = DEFAULT_LEAD_TIME_S,
@@ -213,7 +218,7 @@ class SEBSTrainer:
                               f"use one of {', '.join(CACHE_MODES)}")
         self.precision = precision
         self.cache_data = cache_data
-        self.custom_objective = batch_loss_fn is not None or eval_fn is not None
+        self.check_on_driver = check_on_driver and (batch_loss_fn is not None or eval_fn is not None)
         self.run_config = run_config or RunConfig()
         self.seed = seed
         self.prefetch_lead_time_s = prefetch_lead_time_s
@@ -241,7 +246,7 @@ class SEBSTrainer:
     def fit(self) -> SEBSResult:
         """Run every segment of the plan; resumes a run of the same name where it stopped."""
         plan = self.plan()
-        if self.custom_objective:
+        if self.check_on_driver:
             check_objective(self.model_factory, self.objective, self.datasets)
         resources = ray.cluster_resources()
         cluster = size_worker_resources(plan.cluster, plan.peak_workers, resources)
