@@ -6,6 +6,7 @@ tests start with ``ray start`` (a token-auth head, a second node) and stop again
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -200,3 +201,13 @@ def wait_for_job(client, submission_id: str, timeout_s: float) -> str:
         pytest.fail(f"job {submission_id} ended {status} ({info.message}):\n"
                     f"{client.get_job_logs(submission_id)[-6000:]}")
     return client.get_job_logs(submission_id)
+
+
+def registered_epochs(run_dir: Path) -> set[int]:
+    """Epochs whose checkpoints Ray Train's checkpoint manager has registered (its snapshot): what
+    a test waits for before it kills something while a run trains."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being rewritten
+        return set()
+    return {result["metrics"]["epoch"] for result in snapshot["checkpoint_results"]}
