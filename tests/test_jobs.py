@@ -12,31 +12,33 @@ stops every Ray on the machine).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import (
+    RAY,
+    dashboard_port,
+    free_ports,
+    job_api_answers,
+    ray_env,
+    ray_start_command,
+    start_ray_node,
+    stop_ray_node,
+    wait_for_job,
+)
 
 from ray_sebs.errors import ConfigError
 from ray_sebs.preflight import check_storage_shared
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BIN_DIR = Path(sys.executable).parent
-RAY = str(BIN_DIR / "ray") if (BIN_DIR / "ray").exists() else (shutil.which("ray") or "ray")
 
 # Starting a head with the dashboard takes ~10-20 s on an idle 2-core machine, much longer when
 # other Ray clusters share the cores; a `ray job submit` client call is ~3-5 s of imports.
@@ -52,42 +54,6 @@ TINY_RUN = ["--dataset", "synthetic", "--synthetic-rows", "256", "--stages", "2"
             "--epochs-per-stage", "1", "--batch-size", "16", "--max-micro-batch", "16",
             "--max-workers", "2"]
 
-_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-def _free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = _free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
-def _base_env(home: Path) -> dict[str, str]:
-    """This environment without any Ray auth setting, with HOME moved away from ~/.ray/auth_token.
-
-    This machine has a ``~/.ray/auth_token``: a head started with the mode unset would switch token
-    auth on by itself, and a client could read that file. Every process here gets a private HOME,
-    so the only token in play is the one a test hands over explicitly.
-    """
-    env = {key: value for key, value in os.environ.items()
-           if key not in _AUTH_VARS and key != "RAY_ADDRESS"}
-    env["HOME"] = str(home)
-    # `python` in the job's entrypoint must be this interpreter (it has ray and ray_sebs).
-    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # `ray start --block` on SIGTERM first drains the node for up to 30 s (for Ray Serve); there is
-    # nothing to drain here, so teardown is immediate.
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    return env
-
 
 @dataclass
 class Head:
@@ -97,7 +63,7 @@ class Head:
 
     def env(self, token: str | None = None, mode: str | None = "token") -> dict[str, str]:
         """A client environment: ``RAY_AUTH_MODE=mode`` and ``RAY_AUTH_TOKEN=token`` when given."""
-        env = _base_env(self.home)
+        env = ray_env(self.home)
         if mode is not None:
             env["RAY_AUTH_MODE"] = mode
         if token is not None:
@@ -113,48 +79,6 @@ class Head:
                                    headers={"Authorization": f"Bearer {self.token}"})
 
 
-def _job_api_answers(url: str, token: str) -> bool:
-    request = urllib.request.Request(f"{url}/api/jobs/",
-                                     headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _processes_mentioning(marker: str) -> list[int]:
-    """Pids whose command line contains ``marker`` (our private temp dir): workers, agents."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if marker.encode() in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-    return pids
-
-
-def _stop_head(process: subprocess.Popen, temp_dir: str) -> None:
-    """Stop only this module's head: never `ray stop`, which would stop every Ray on the machine.
-
-    SIGTERM makes `ray start --block` drain and kill the processes it spawned (raylet, GCS,
-    dashboard, ...), and the raylet takes its workers with it. Whatever is left (in our session,
-    or naming our private temp dir on its command line) is killed.
-    """
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=60)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    for pid in _processes_mentioning(temp_dir):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     base = tmp_path_factory.mktemp("ray-head")
@@ -163,40 +87,24 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     # Ray's temp dir holds Unix sockets (<temp>/session_<date>_<pid>/sockets/plasma_store) whose
     # paths must stay under ~107 bytes: pytest's tmp paths are too long, so use a short one.
     temp_dir = tempfile.mkdtemp(prefix="rsj-", dir="/tmp")
-    (gcs_port, dashboard_port, client_port, agent_http_port, agent_grpc_port, runtime_env_port,
-     metrics_port, node_manager_port, object_manager_port) = _free_ports(9)
+    (gcs_port,) = free_ports(1)
     token = secrets.token_hex(32)
-    env = _base_env(home)
+    env = ray_env(home)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
-    command = [
-        RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-        "--ray-client-server-port", str(client_port),
-        "--dashboard-agent-listen-port", str(agent_http_port),
-        "--dashboard-agent-grpc-port", str(agent_grpc_port),
-        "--runtime-env-agent-port", str(runtime_env_port),
-        "--metrics-export-port", str(metrics_port),
-        "--node-manager-port", str(node_manager_port),
-        "--object-manager-port", str(object_manager_port),
-        "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
-    ]
+    command = ray_start_command(temp_dir=temp_dir, num_cpus=2, head_gcs_port=gcs_port)
     log_path = base / "ray-start.log"
-    with open(log_path, "wb") as log:
-        # A new session: the head's process group is ours alone, for teardown.
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard_port}"
+    process = start_ray_node(command, env, log_path)
+    url = f"http://127.0.0.1:{dashboard_port(command)}"
     try:
         deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-        while not _job_api_answers(url, token):
+        while not job_api_answers(url, token):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the Ray head did not come up (exit status {process.poll()}):\n"
                             f"{log_path.read_text(errors='replace')[-4000:]}")
             time.sleep(1)
         yield Head(dashboard_url=url, token=token, home=home)
     finally:
-        _stop_head(process, temp_dir)
+        stop_ray_node(process, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -225,27 +133,12 @@ def test_local_storage_is_refused_on_a_multi_node_cluster() -> None:
 
 @pytest.mark.ray
 def test_submitted_job_trains_and_writes_results(head: Head, tmp_path: Path) -> None:
-    from ray.job_submission import JobStatus
-
     storage = tmp_path / "runs"
     submission_id = f"sebs-e2e-{secrets.token_hex(4)}"
     submitted = _submit(head, head.env(token=head.token), submission_id, storage, "e2e")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
 
-    client = head.client()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    status = client.get_job_status(submission_id)
-    while not status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(2)
-        status = client.get_job_status(submission_id)
-    if status != JobStatus.SUCCEEDED:
-        if not status.is_terminal():
-            client.stop_job(submission_id)
-        info = client.get_job_info(submission_id)
-        pytest.fail(f"job {submission_id} ended {status} ({info.message}):\n"
-                    f"{client.get_job_logs(submission_id)[-6000:]}")
-
-    logs = client.get_job_logs(submission_id)
+    logs = wait_for_job(head.client(), submission_id, JOB_TIMEOUT_S)
     run_dir = storage / "e2e"
     for name in ("history.json", "history.csv", "curves.png"):
         assert (run_dir / name).is_file(), f"no {name} in {run_dir}:\n{logs[-3000:]}"

@@ -30,7 +30,7 @@ import ray
 import ray.cloudpickle
 import ray.train
 import torch
-from processes import end_session, run_in_session
+from processes import end_session, registered_epochs, run_in_session
 from ray.train import FailureConfig, RunConfig
 from toy_problem import make_rows, small_model, to_dataset
 
@@ -53,8 +53,10 @@ from ray_sebs.trainer import (
     schedule_fingerprint,
 )
 
-# Workers do not have tests/ on their path: ship this module's classes by value.
+# Workers do not have tests/ on their path: ship this module's classes by value, and the helper
+# from processes.py that KillAt calls on the worker.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(sys.modules[registered_epochs.__module__])
 
 RAY_SEBS = Path(sys.executable).with_name("ray-sebs")
 
@@ -207,15 +209,6 @@ def test_killed_workers_mid_stage_and_at_the_segment_change_match_an_uninterrupt
 
 # ---------------------------------------------------------------------------------------------
 # 2. Driver restart, 6. checkpoint integrity
-
-
-def registered_epochs(run_dir: Path) -> set[int]:
-    """Epochs whose checkpoints Ray Train's checkpoint manager has registered (its snapshot)."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):  # not written yet, or being rewritten
-        return set()
-    return {result["metrics"]["epoch"] for result in snapshot["checkpoint_results"]}
 
 
 def registered_states(run_dir: Path) -> list[dict[str, Any]]:
