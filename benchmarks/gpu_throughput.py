@@ -5,14 +5,15 @@ Per global batch (64, 128, 256 by default) it prints samples/s per epoch of the 
 
 * ``ray-sebs``: one ``SEBSTrainer`` run on 1 worker whose stages are the batch sizes (SEBS, rho=2,
   one worker group for the whole run), read from ``history[*]['samples_per_s']`` (training time
-  only) with the data-wait fraction the loop reports;
+  only) with the data-wait fraction the loop reports; one run per ``--precision`` and
+  ``--cache-data`` pair of ``--sebs-variants`` (streaming, and the rank's shard on the device);
 * ``bare, on device``: a PyTorch loop over the same rows already on the device, a shuffled index
   per epoch: what the model alone can do;
 * ``bare, copy``: the same loop with the rows in host memory (pinned on CUDA), each batch copied
   host -> device: what a plain DataLoader-style loop gets.
 
-Each in fp32 and bf16 (``torch.autocast(device_type, dtype=torch.bfloat16)``) for the bare loops;
-ray-sebs has no precision option yet, so its bf16 cells say so. A figure is the median over the
+Each in fp32 and bf16 (``torch.autocast(device_type, dtype=torch.bfloat16)``, as ray-sebs's
+``--precision bf16`` does). A figure is the median over the
 epochs after the first (warm-up: allocator, cuDNN autotuning, the worker's first batches). Bare
 variants alternate epoch by epoch. No target: it shows what a GPU loses between the model and
 ray-sebs, and whether bf16 is worth adding.
@@ -38,13 +39,14 @@ import torch
 from torch import nn
 
 from ray_sebs import ClusterConfig, ScheduleConfig
-from ray_sebs.data import DatasetConfig, PreparedData, load_data
+from ray_sebs.data import CACHE_MODES, DatasetConfig, PreparedData, load_data
 from ray_sebs.models import build_model
 
 IMAGE_SHAPE = (3, 32, 32)
 CLASSES = 10
 PRECISIONS = ("fp32", "bf16")
-NO_PRECISION = "n/a (no --precision yet)"
+DEFAULT_VARIANTS = "fp32:none,fp32:device,bf16:none,bf16:device"
+SMOKE_VARIANTS = "fp32:none,bf16:device"
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -135,8 +137,21 @@ def measure_bare(data: PreparedData, batch_sizes: list[int], epochs: int,
     return results
 
 
-def measure_ray_sebs(data: PreparedData, args: argparse.Namespace,
-                     storage: str) -> dict[int, tuple[float, float]]:
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """``fp32:none,bf16:device``: (precision, cache-data) pairs."""
+    variants = []
+    for item in filter(None, text.split(",")):
+        precision, _, cache = item.partition(":")
+        if precision not in PRECISIONS or cache not in CACHE_MODES:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not PRECISION:CACHE with PRECISION in {', '.join(PRECISIONS)} and "
+                f"CACHE in {', '.join(CACHE_MODES)}")
+        variants.append((precision, cache))
+    return variants
+
+
+def measure_ray_sebs(data: PreparedData, args: argparse.Namespace, storage: str, precision: str,
+                     cache_data: str) -> dict[int, tuple[float, float]]:
     """Global batch -> (samples/s, data-wait fraction) of one 1-worker ray-sebs run whose stages
     are the batch sizes (one worker group: the stages keep the worker count)."""
     from ray.train import RunConfig
@@ -149,7 +164,9 @@ def measure_ray_sebs(data: PreparedData, args: argparse.Namespace,
                             use_gpu=args.device == "cuda")
     trainer = SEBSTrainer(functools.partial(build_model, "cnn", IMAGE_SHAPE, CLASSES),
                           datasets={"train": data.train}, schedule=schedule, cluster=cluster,
-                          run_config=RunConfig(name="gpu-throughput", storage_path=storage), seed=0)
+                          run_config=RunConfig(name=f"gpu-throughput-{precision}-{cache_data}",
+                                               storage_path=storage),
+                          seed=0, precision=precision, cache_data=cache_data)
     history = trainer.fit().history
     by_batch: dict[int, list[dict[str, Any]]] = {}
     for record in history:
@@ -169,19 +186,18 @@ def rate(value: float) -> str:
 
 
 def build_rows(batch_sizes: list[int], bare: dict[tuple[int, str, str], float],
-               sebs: dict[int, tuple[float, float]]) -> list[tuple[Any, ...]]:
+               sebs: dict[tuple[str, str], dict[int, tuple[float, float]]]) -> list[tuple[Any, ...]]:
     rows = []
     for batch_size in batch_sizes:
         for precision in PRECISIONS:
             on_device, copy = bare[batch_size, precision, "on device"], bare[batch_size, precision, "copy"]
-            if precision == "fp32":
-                sebs_rate, wait = sebs[batch_size]
-                cells: tuple[str, ...] = (rate(sebs_rate), f"{wait:.1%}", f"{sebs_rate / on_device:.2f}",
-                                          f"{sebs_rate / copy:.2f}")
-            else:
-                cells = (NO_PRECISION, "", "", "")
-            rows.append((batch_size, precision, cells[0], cells[1], rate(on_device), rate(copy),
-                         *cells[2:]))
+            for (variant_precision, cache_data), by_batch in sebs.items():
+                if variant_precision != precision:
+                    continue
+                sebs_rate, wait = by_batch[batch_size]
+                rows.append((batch_size, precision, cache_data, rate(sebs_rate), f"{wait:.1%}",
+                             rate(on_device), rate(copy), f"{sebs_rate / on_device:.2f}",
+                             f"{sebs_rate / copy:.2f}"))
     return rows
 
 
@@ -200,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads of the bare loops with --device cpu, as a 1-CPU Ray "
                              "worker gets (default: %(default)s)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--sebs-variants", type=parse_variants, default=None,
+                        help=f"ray-sebs runs as PRECISION:CACHE pairs (default {DEFAULT_VARIANTS}; "
+                             f"smoke {SMOKE_VARIANTS})")
     args = parser.parse_args(argv)
     smoke = args.smoke
+    args.sebs_variants = args.sebs_variants or parse_variants(SMOKE_VARIANTS if smoke else DEFAULT_VARIANTS)
     args.rows = args.rows or (128 if smoke else 8192)
     args.batch_size = args.batch_size or (8 if smoke else 64)
     args.stages = args.stages or (2 if smoke else 3)
@@ -224,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# data: synthetic 3x32x32 images, {data.train_rows} training rows, no validation, "
           f"prepared in {time.perf_counter() - started:.1f} s", flush=True)
     bare = measure_bare(data, batch_sizes, args.epochs, device)
+    sebs = {}
     with tempfile.TemporaryDirectory() as storage:
-        sebs = measure_ray_sebs(data, args, storage)
+        for precision, cache_data in args.sebs_variants:
+            sebs[precision, cache_data] = measure_ray_sebs(data, args, storage, precision, cache_data)
+            print(f"# ray-sebs {precision} --cache-data {cache_data} done", flush=True)
     print(f"\nsamples/s per epoch (median of epochs 2..{args.epochs} of {args.epochs}), 1 worker / 1 "
           f"{'GPU' if device.type == 'cuda' else 'process'}; ratio = ray-sebs / bare:")
-    print(common.table(("batch", "precision", "ray-sebs samples/s", "ray-sebs data wait",
+    print(common.table(("batch", "precision", "--cache-data", "ray-sebs samples/s", "ray-sebs data wait",
                         "bare on-device samples/s", "bare copy samples/s", "ratio vs on-device",
                         "ratio vs copy"), build_rows(batch_sizes, bare, sebs)))
     print(f"# load average (1 min) at end: {common.load_average():.2f}")
