@@ -289,7 +289,9 @@ def test_a_killed_driver_resumes_without_retraining_and_a_changed_command_is_ref
     # Finished epochs were not retrained: their records are the ones written before the kill
     # (same timestamps, losses, counters), and the second driver printed only the later epochs.
     done = survived["next_epoch"]
-    assert history[:done] == survived["history"]
+    # Compared as JSON: a record holds NaN (no validation metric, no noise scale yet), and
+    # NaN != NaN would fail a dict comparison of equal records.
+    assert json.dumps(history[:done]) == json.dumps(survived["history"])
     assert all(entry["segment_started_at"] > stopped_at for entry in history[done:])
     printed = epochs_printed(output + errors)
     assert done in printed and printed <= set(range(done, len(history))), printed
