@@ -16,6 +16,7 @@ stays in it) and ends only that session.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -27,7 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tests.processes import end_session
+from tests.toy_problem import make_rows, small_model, to_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,22 +158,37 @@ class AutoscalingCluster:
             self._session = None
 
 
+class SlowModel(torch.nn.Module):
+    """The toy model with ``delay_s`` of sleep per forward: epochs that take about as long on a
+    busy machine as on a quiet one, so a run leaves the autoscaler the time it needs."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.inner = small_model()
+        self.delay_s = delay_s
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        return self.inner(features)
+
+
 def growing_run(storage_path: str, name: str, *, lead_time_s: float | None,
-                epochs: tuple[int, int] = (3, 1), rows: int = 256) -> Any:
+                epochs: tuple[int, int] = (3, 1), rows: int = 256, delay_s: float = 0.0) -> Any:
     """A SEBS run of 2 stages on :data:`SLOT` workers: stage 1 on 1 worker (the head's slot),
     stage 2 on up to 2, so its second worker needs a node the autoscaler adds. ``lead_time_s=None``:
-    no prefetch. Needs ``RAY_SEBS_AUTOSCALING=1`` and a connected Ray."""
+    no prefetch; ``delay_s``: sleep per forward (:class:`SlowModel`). Needs
+    ``RAY_SEBS_AUTOSCALING=1`` and a connected Ray."""
     from ray.train import RunConfig
 
     from ray_sebs import ClusterConfig, ScheduleConfig
     from ray_sebs.trainer import SEBSTrainer
-    from tests.toy_problem import make_rows, small_model, to_dataset
 
     schedule = ScheduleConfig(initial_batch_size=8, growth_ratio=2, num_stages=2,
                               epochs_per_stage=epochs, learning_rate=0.1)
     cluster = ClusterConfig(min_workers=1, max_workers=2, max_micro_batch=8,
                             resources_per_worker={"CPU": 0.25, SLOT: 1})
-    trainer = SEBSTrainer(small_model, datasets={"train": to_dataset(*make_rows(rows))},
+    trainer = SEBSTrainer(functools.partial(SlowModel, delay_s),
+                          datasets={"train": to_dataset(*make_rows(rows))},
                           schedule=schedule, cluster=cluster,
                           run_config=RunConfig(name=name, storage_path=storage_path),
                           prefetch_lead_time_s=lead_time_s, checkpoint_every_s=None)

@@ -38,8 +38,9 @@ def test_prefetch_brings_the_node_up_before_the_growing_boundary(cluster, tmp_pa
 
     monkeypatch.setenv("RAY_SEBS_AUTOSCALING", "1")
     assert cluster.alive_nodes() == 1
-    # A lead time longer than the run: the request is due after the first epoch.
-    result = growing_run(str(tmp_path), "prefetch", lead_time_s=10**4, epochs=(4, 1))
+    # A lead time longer than the run: the request is due after the first epoch, and the other
+    # three (32 updates of >= 0.25 s each) leave the node ~24 s to come up (it takes ~10 s here).
+    result = growing_run(str(tmp_path), "prefetch", lead_time_s=10**4, epochs=(4, 1), delay_s=0.25)
     history = result.history
     assert [r["epoch"] for r in history] == list(range(5))
     assert [r["world_size"] for r in history] == [1, 1, 1, 1, 2]
