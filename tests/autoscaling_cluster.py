@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -156,6 +157,9 @@ class AutoscalingCluster:
         if self._session is not None:
             end_session(self._session)
             self._session = None
+        if self.temp_dir:  # its logs and sockets: read autoscaler_log() before
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = ""
 
 
 class SlowModel(torch.nn.Module):
