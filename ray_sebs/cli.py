@@ -187,7 +187,7 @@ def command_train(args: argparse.Namespace) -> int:
                              failure_config=FailureConfig(max_failures=args.max_failures)),
         seed=args.seed, checkpoint_every_epochs=args.checkpoint_every,
         checkpoint_every_s=args.checkpoint_every_s, precision=args.precision,
-        cache_data=args.cache_data, console=True)
+        cache_data=args.cache_data, prefetch_lead_time_s=args.prefetch_lead_time, console=True)
     try:
         plan = trainer.plan()
     except ConfigError as error:  # --dataset-size is plan's flag; here the rows come from the data
@@ -274,6 +274,7 @@ def command_tune(args: argparse.Namespace) -> int:
                        data_cpus_per_trial=args.data_cpus_per_trial, max_failures=args.max_failures,
                        checkpoint_every_epochs=args.checkpoint_every,
                        checkpoint_every_s=args.checkpoint_every_s,
+                       prefetch_lead_time_s=args.prefetch_lead_time,
                        asha=args.asha, asha_grace_epochs=args.asha_grace_epochs)
     print()
     print(comparison_markdown(result.comparison))

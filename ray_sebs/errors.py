@@ -10,6 +10,7 @@ This module imports neither Ray nor torch: the plan and the schedule use it.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -87,6 +88,13 @@ def require_int(name: str, value: object, *, minimum: int, fix: str) -> None:
         raise ConfigError(name, value, "must be an integer", fix)
     if value < minimum:
         raise ConfigError(name, value, f"must be >= {minimum}", fix)
+
+
+def require_seconds(name: str, value: object, *, fix: str) -> None:
+    """Refuse anything but a finite number of seconds >= 0 (``bool`` included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value < 0:
+        raise ConfigError(name, value, "must be a finite number of seconds >= 0", fix)
 
 
 def format_number(value: float) -> str:

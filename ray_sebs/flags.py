@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S
 from ray_sebs.data import CACHE_MODES, DATASET_NAMES, DEFAULT_VALIDATION_FRACTION, DatasetConfig
 from ray_sebs.errors import format_number
 from ray_sebs.optim import OPTIMIZERS, PRECISIONS, OptimizerConfig
@@ -280,6 +281,11 @@ RUN_FLAGS: tuple[Flag, ...] = (
          default=DEFAULT_CHECKPOINT_EVERY_S,
          help="checkpoint at the first epoch end this many seconds after the last one; every "
               "segment end is checkpointed too (default: %(default)s)"),
+    Flag("--prefetch-lead-time", "run", field="prefetch_lead_time_s", parse=float,
+         default=DEFAULT_LEAD_TIME_S, metavar="SECONDS",
+         help="with RAY_SEBS_AUTOSCALING=1, hold the next larger stage's extra workers this many "
+              "seconds before it starts, so the autoscaler's nodes are up by then: at least a "
+              "node's launch and image pull (default: %(default)s)"),
     Flag("--verbose", "run", switch=True,
          help="also print Ray's own output: Ray Data plans and progress, Train controller and "
               "checkpoint messages (default: in Ray's log files only)"),

@@ -10,13 +10,13 @@ fits the model). A command does its own checks around them.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import socket
 import tempfile
 from typing import TYPE_CHECKING
 
-from ray_sebs.errors import ConfigError
+from ray_sebs.autoscale import LEAD_TIME_FIX
+from ray_sebs.errors import ConfigError, require_seconds
 from ray_sebs.flags import dataset_config_from_args
 
 if TYPE_CHECKING:
@@ -149,10 +149,9 @@ def check_run_flags(args: argparse.Namespace) -> None:
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError("checkpoint_every_epochs", args.checkpoint_every, "must be >= 1",
                           "use e.g. 1 to checkpoint every epoch, or leave it unset")
-    if not math.isfinite(args.checkpoint_every_s) or args.checkpoint_every_s < 0:
-        raise ConfigError("checkpoint_every_s", args.checkpoint_every_s,
-                          "must be a finite number of seconds >= 0",
-                          "use e.g. 60, or 0 to checkpoint every epoch")
+    require_seconds("checkpoint_every_s", args.checkpoint_every_s,
+                    fix="use e.g. 60, or 0 to checkpoint every epoch")
+    require_seconds("prefetch_lead_time_s", args.prefetch_lead_time, fix=LEAD_TIME_FIX)
 
 
 def check_data_paths(dataset_config: DatasetConfig) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S
 from ray_sebs.comparison import Comparison, check_target_accuracy, compare
 from ray_sebs.comparison_report import write_comparison
 from ray_sebs.errors import ConfigError, root_cause_line
@@ -90,9 +91,8 @@ class SweepSettings:
     cache_data: str = "none"
     """Where every trial's ranks keep their data (``ray-sebs tune --cache-data``)."""
     prefetch_lead_time_s: float | None = None
-    """Autoscaler prefetch (:mod:`ray_sebs.autoscale`); only with one trial at a time, since a
-    resource request is one target for the whole cluster and concurrent trials would overwrite
-    each other's."""
+    """Autoscaler prefetch (:mod:`ray_sebs.autoscale`): each trial holds its own next segment's
+    extra workers in a placement group of its own, so concurrent trials' requests add up."""
 
 
 def seeded_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> Any:
@@ -237,6 +237,7 @@ def run_sweep(
     max_failures: int = 1,
     checkpoint_every_epochs: int | None = None,
     checkpoint_every_s: float | None = DEFAULT_CHECKPOINT_EVERY_S,
+    prefetch_lead_time_s: float | None = DEFAULT_LEAD_TIME_S,
     asha: bool = False,
     asha_grace_epochs: int | None = None,
     log: Callable[[str], None] = print,
@@ -289,7 +290,7 @@ def run_sweep(
             precision=precision, cache_data=cache_data, runs_dir=f"{experiment_dir}/{RUNS_DIR}",
             max_failures=max_failures,
             checkpoint_every_epochs=checkpoint_every_epochs, checkpoint_every_s=checkpoint_every_s,
-            prefetch_lead_time_s=None if concurrency.max_concurrent_trials > 1 else _default_lead_time())
+            prefetch_lead_time_s=prefetch_lead_time_s)
         trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings),
                                         {"CPU": TRIAL_DRIVER_CPUS})
         resumed = tune.Tuner.can_restore(experiment_dir)
@@ -389,12 +390,6 @@ def check_sweep_options(*, target_accuracy: float | None = None, max_concurrent_
             asha_grace_epochs, int) or asha_grace_epochs < 1):
         raise ConfigError("asha_grace_epochs", asha_grace_epochs, "must be an integer >= 1",
                           "use e.g. the first stage's epochs")
-
-
-def _default_lead_time() -> float:
-    from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S
-
-    return DEFAULT_LEAD_TIME_S
 
 
 def _epochs_text(schedule: ScheduleConfig) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import os
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, ResourcePrefetchCallback, release_resource_request
+from ray_sebs.autoscale import DEFAULT_LEAD_TIME_S, LEAD_TIME_FIX, ResourcePrefetcher
 from ray_sebs.console import RunConsole
 from ray_sebs.data import CACHE_MODES
 from ray_sebs.errors import (
@@ -45,6 +44,7 @@ from ray_sebs.errors import (
     InvariantError,
     NonFiniteLossError,
     require_int,
+    require_seconds,
 )
 from ray_sebs.history import change_totals, worker_seconds
 from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, SegmentConfig, train_segment
@@ -146,9 +146,10 @@ class SEBSTrainer:
             cluster), ``failure_config``, ``callbacks``. Its ``checkpoint_config`` is replaced:
             ray-sebs checkpoints at epoch ends, as the next two arguments say.
         seed: Seeds the model initialisation and the data order.
-        prefetch_lead_time_s: Ask the autoscaler for the next, larger segment's workers this many
-            seconds before its boundary (:mod:`ray_sebs.autoscale`), on an autoscaling cluster
-            (``RAY_SEBS_AUTOSCALING=1``); ``None`` never asks.
+        prefetch_lead_time_s: Hold the next, larger segment's extra workers in a placement group
+            from this many seconds before its boundary, so the autoscaler has their nodes up by
+            then (:mod:`ray_sebs.autoscale`), on an autoscaling cluster (``RAY_SEBS_AUTOSCALING=1``);
+            ``None`` never asks.
         checkpoint_every_epochs: Checkpoint after this many epochs since the last checkpoint;
             ``None``: not by count. A failure retrains at most the epochs since the last one.
         checkpoint_every_s: Checkpoint at the first epoch end this many seconds after the last
@@ -221,16 +222,15 @@ class SEBSTrainer:
         self.check_on_driver = check_on_driver and (batch_loss_fn is not None or eval_fn is not None)
         self.run_config = run_config or RunConfig()
         self.seed = seed
+        if prefetch_lead_time_s is not None:
+            require_seconds("prefetch_lead_time_s", prefetch_lead_time_s, fix=LEAD_TIME_FIX)
         self.prefetch_lead_time_s = prefetch_lead_time_s
         if checkpoint_every_epochs is not None:
             require_int("checkpoint_every_epochs", checkpoint_every_epochs, minimum=1,
                         fix="use e.g. 1 to checkpoint every epoch, or leave it unset")
-        if checkpoint_every_s is not None and (
-                isinstance(checkpoint_every_s, bool) or not isinstance(checkpoint_every_s, int | float)
-                or not math.isfinite(checkpoint_every_s) or checkpoint_every_s < 0):
-            raise ConfigError("checkpoint_every_s", checkpoint_every_s,
-                              "must be a finite number of seconds >= 0",
-                              "use e.g. 60, or 0 to checkpoint every epoch")
+        if checkpoint_every_s is not None:
+            require_seconds("checkpoint_every_s", checkpoint_every_s,
+                            fix="use e.g. 60, or 0 to checkpoint every epoch")
         self.checkpoint_every_epochs = checkpoint_every_epochs
         self.checkpoint_every_s = checkpoint_every_s
         self.console = console
@@ -278,13 +278,12 @@ class SEBSTrainer:
         shortage = describe_worker_shortage(plan, capacity, resources, reserved_cpus=data_cpus)
         if shortage:
             logger.warning("%s", shortage)
-        callbacks = list(self.run_config.callbacks or [])
-        # Only an autoscaler acts on a resource request; on a fixed cluster it would be noise.
-        prefetch = self.prefetch_lead_time_s is not None and autoscaling_enabled()
-        if prefetch:
-            callbacks.append(ResourcePrefetchCallback(plan, lead_time_s=self.prefetch_lead_time_s))
+        # Only an autoscaler adds nodes for pending demand; on a fixed cluster it would be noise.
+        prefetcher = ResourcePrefetcher(plan, lead_time_s=self.prefetch_lead_time_s, name=name) \
+            if self.prefetch_lead_time_s is not None and autoscaling_enabled() else None
         run_config = replace(
-            self.run_config, name=name, storage_path=storage_path, callbacks=callbacks,
+            self.run_config, name=name, storage_path=storage_path,
+            callbacks=list(self.run_config.callbacks or []),
             failure_config=self.run_config.failure_config or FailureConfig(max_failures=1),
             checkpoint_config=CheckpointConfig(num_to_keep=2))
         logger.info("run %s: %d segments, %d stages, %d updates planned, storage %s", name,
@@ -293,13 +292,15 @@ class SEBSTrainer:
         started = time.perf_counter()
         try:
             with run_tensorboard(run_dir) as tensorboard, controller_poll_interval(plan.peak_workers), \
-                    RunConsole(print_lines=self.console, on_epoch=(tensorboard.add,)) as console:
-                result = self._fit_segments(plan, run_config, record, run_dir, capacity, console.queue)
+                    RunConsole(print_lines=self.console, on_epoch=(tensorboard.add,) + (
+                        (prefetcher.on_epoch,) if prefetcher else ())) as console:
+                result = self._fit_segments(plan, run_config, record, run_dir, capacity, console.queue,
+                                            prefetcher)
         finally:
-            # Not after an interruption shut Ray down: the request went with the driver, and a
-            # Ray call would start a new local Ray.
-            if prefetch and ray.is_initialized():
-                release_resource_request()
+            # Not after an interruption shut Ray down: the placement group went with the driver,
+            # and a Ray call would start a new local Ray.
+            if prefetcher is not None and ray.is_initialized():
+                prefetcher.release()
         checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
         if checkpoint is None:
             raise InvariantError(f"run {name} finished without a checkpoint in {run_dir}")
@@ -309,12 +310,16 @@ class SEBSTrainer:
             raise InvariantError(f"run {name} ended with epochs {epochs} of "
                                  f"{plan.schedule.total_epochs} in {run_dir}")
         summary = summarize(plan, history, wall_time_s=time.perf_counter() - started)
+        if prefetcher is not None:  # when it asked, for what, and whether the nodes were up in time
+            summary["prefetch_requests"] = [asdict(request) for request in prefetcher.requests]
         return SEBSResult(plan=plan, history=history, checkpoint=checkpoint, run_dir=run_dir,
                           summary=summary)
 
     def _fit_segments(self, plan: ElasticPlan, run_config: RunConfig, record: dict[str, Any],
-                      run_dir: str, capacity: int | None, progress_queue: Any) -> ray.train.Result | None:
-        """One ``TorchTrainer.fit()`` per unfinished segment; the last fit's result."""
+                      run_dir: str, capacity: int | None, progress_queue: Any,
+                      prefetcher: ResourcePrefetcher | None = None) -> ray.train.Result | None:
+        """One ``TorchTrainer.fit()`` per unfinished segment; the last fit's result. The
+        prefetcher hands the nodes it holds to each fit just before it starts."""
         cluster = plan.cluster
         result = None
         finished = finished_epochs(plan, record)
@@ -323,6 +328,11 @@ class SEBSTrainer:
                 logger.info("segment %d already finished; skipping it", segment.index)
                 continue
             minimum = min(cluster.min_workers, segment.workers)
+            # Nodes the prefetch held are there now: ask for the whole target at once. An elastic
+            # range would start with what Ray Train's autoscaling coordinator has seen, whose view
+            # of the nodes is up to 20 s old, and grow only after its 60 s resize interval.
+            if prefetcher is not None and prefetcher.start_segment(segment.index):
+                minimum = segment.workers
             # Never ask for more workers than the cluster can ever place: the elastic range starts
             # at once with what it gets, and the plan re-splits every batch for it.
             workers = segment.workers if capacity is None \

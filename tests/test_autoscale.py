@@ -1,25 +1,25 @@
-"""Nodes ready before the stage needs them: the prefetch decision and the Train callback.
+"""Nodes ready before the stage needs them: the prefetch decision and the driver's prefetcher.
 
 The plan under test grows 1 -> 2 -> 4 workers over segments of 3, 4 and 5 epochs (epochs 0-2, 3-6,
-7-11). The decision and the callback are fed synthetic epoch reports; one small test checks that
-the real ``ray.autoscaler.sdk.request_resources`` accepts the calls on a plain local Ray.
+7-11). The decision and the prefetcher are fed synthetic epoch records, with a stand-in for the
+placement group; one small test holds a real placement group on a plain local Ray. The real
+autoscaler is in ``tests/test_autoscaler.py``.
 """
 
 from __future__ import annotations
 
-import inspect
-import pickle
+import logging
+import threading
+import time
 from dataclasses import replace
-from typing import Any
 
 import pytest
-from ray.train import UserCallback
 
 from ray_sebs.autoscale import (
     DEFAULT_LEAD_TIME_S,
-    ResourcePrefetchCallback,
+    PlacementGroupReservation,
+    ResourcePrefetcher,
     plan_prefetch,
-    release_resource_request,
 )
 from ray_sebs.errors import ConfigError
 from ray_sebs.plan import ClusterConfig, ElasticPlan, Segment, build_plan
@@ -38,23 +38,6 @@ def plan() -> ElasticPlan:
     return plan
 
 
-class Recorder:
-    """A stand-in for ``request_resources`` that remembers every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[dict[str, float]]] = []
-
-    def __call__(self, *, bundles: list[dict[str, float]]) -> None:
-        self.calls.append(bundles)
-
-
-def report(callback: ResourcePrefetchCallback, epoch: int, epoch_time_s: float, workers: int = 2,
-           **extra: Any) -> None:
-    """What the Train controller does after every ``ray.train.report``: one dict per worker."""
-    metrics = [{"epoch": epoch, "epoch_time_s": epoch_time_s, **extra} for _ in range(workers)]
-    callback.after_report(run_context=None, metrics=metrics, checkpoint=None)
-
-
 # --------------------------------------------------------------------------------------------
 # the decision
 
@@ -64,9 +47,10 @@ def test_requests_come_only_in_the_last_epochs_before_each_growing_boundary(plan
     requests = {epoch: plan_prefetch(plan, epoch, seconds_per_epoch=10, lead_time_s=15)
                 for epoch in range(plan.schedule.total_epochs)}
     due = {epoch: None if request is None else request.bundles for epoch, request in requests.items()}
-    two, four = [BUNDLE] * 2, [BUNDLE] * 4
-    assert due == {0: None, 1: two, 2: two,           # segment 0 (1 worker) -> segment 1 (2 workers)
-                   3: None, 4: None, 5: four, 6: four,  # segment 1 -> segment 2 (4 workers)
+    # The extra workers only: Ray Train already holds the current segment's.
+    one, two = [BUNDLE], [BUNDLE] * 2
+    assert due == {0: None, 1: one, 2: one,           # segment 0 (1 worker) -> segment 1 (2 workers)
+                   3: None, 4: None, 5: two, 6: two,  # segment 1 -> segment 2 (4 workers)
                    7: None, 8: None, 9: None, 10: None, 11: None}  # last segment: nothing next
 
 
@@ -85,9 +69,10 @@ def test_the_lead_time_moves_the_request_earlier(plan: ElasticPlan) -> None:
 def test_the_request_says_why(plan: ElasticPlan) -> None:
     request = plan_prefetch(plan, 5, seconds_per_epoch=30.0, lead_time_s=60.0)
     assert request is not None
-    assert (request.segment, request.workers, request.epoch, request.epochs_left) == (2, 4, 5, 1)
+    assert (request.segment, request.workers, request.current_workers, request.epoch,
+            request.epochs_left) == (2, 4, 2, 5, 1)
     assert request.seconds_left == 30.0
-    assert request.bundles == [BUNDLE] * 4
+    assert request.bundles == [BUNDLE] * 2
     request.bundles[0]["CPU"] = 99  # the bundles are copies, not the plan's own dict
     assert plan.cluster.worker_bundle() == BUNDLE
     assert "segment 2" in request.describe() and "lead time 60s" in request.describe()
@@ -110,86 +95,194 @@ def test_bad_numbers_are_refused(plan: ElasticPlan) -> None:
         plan_prefetch(plan, 0, float("nan"), 10)
     with pytest.raises(IndexError):
         plan_prefetch(plan, plan.schedule.total_epochs, 1.0, 10)
-    with pytest.raises(ConfigError, match="lead_time_s"):
-        ResourcePrefetchCallback(plan, lead_time_s=float("inf"))
+    with pytest.raises(ConfigError, match="prefetch_lead_time_s"):
+        ResourcePrefetcher(plan, lead_time_s=float("inf"))
 
 
 # --------------------------------------------------------------------------------------------
-# the callback
+# the prefetcher
 
 
-def test_callback_requests_each_next_segment_once_ahead_of_the_boundary(plan: ElasticPlan) -> None:
-    recorder = Recorder()
-    callback = ResourcePrefetchCallback(plan, lead_time_s=15, request_fn=recorder)
-    made: list[tuple[int, int]] = []
-    for epoch in range(plan.schedule.total_epochs):
-        report(callback, epoch, 10.0)
-        made.append((epoch, len(recorder.calls)))
-    # Segment 1's 2 bundles after epoch 1, segment 2's 4 after epoch 5, the release after epoch 11.
-    assert recorder.calls == [[BUNDLE] * 2, [BUNDLE] * 4, []]
-    assert [count for _, count in made] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 3]
-    assert [(r.segment, r.epoch) for r in callback.requests] == [(1, 1), (2, 5)]
+class FakeReservation:
+    """A stand-in for the placement group: placed when the test says the nodes are up, and taken
+    over once the test says Ray Train's worker group exists."""
+
+    def __init__(self, log: list[tuple[str, int]], bundles: list[dict[str, float]], name: str) -> None:
+        self.log = log
+        self.bundles = bundles
+        self.name = name
+        self.is_placed = False
+        self.worker_group_exists = threading.Event()
+        log.append(("reserve", len(bundles)))
+
+    def placed(self) -> bool:
+        return self.is_placed
+
+    def others(self) -> set[str]:
+        return {"segment-0-worker-group"}
+
+    def wait_for_new(self, known: set[str], timeout_s: float) -> None:
+        assert known == {"segment-0-worker-group"}
+        self.worker_group_exists.wait(timeout_s)
+
+    def remove(self) -> None:
+        self.log.append(("remove", len(self.bundles)))
 
 
-def test_callback_never_asks_twice_even_when_epochs_are_reported_again(plan: ElasticPlan) -> None:
-    recorder = Recorder()
-    callback = ResourcePrefetchCallback(plan, lead_time_s=15, request_fn=recorder)
-    for epoch in (0, 1, 1, 2, 1, 2):  # a worker-group restart replays epochs 1-2
-        report(callback, epoch, 10.0)
-    assert recorder.calls == [[BUNDLE] * 2]
+class Cluster:
+    """Records what the prefetcher holds and hands back, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int]] = []
+        self.held: list[FakeReservation] = []
+
+    def reserve(self, bundles: list[dict[str, float]], name: str) -> FakeReservation:
+        self.held.append(FakeReservation(self.log, bundles, name))
+        return self.held[-1]
 
 
-def test_callback_averages_the_segments_epoch_times(plan: ElasticPlan) -> None:
-    recorder = Recorder()
-    callback = ResourcePrefetchCallback(plan, lead_time_s=100, request_fn=recorder)
+def prefetcher_for(plan: ElasticPlan, lead_time_s: float) -> tuple[ResourcePrefetcher, Cluster]:
+    cluster = Cluster()
+    return ResourcePrefetcher(plan, lead_time_s=lead_time_s, reserve=cluster.reserve,
+                              name="run"), cluster
+
+
+def epoch(prefetcher: ResourcePrefetcher, index: int, seconds: float) -> None:
+    prefetcher.on_epoch({"epoch": index, "epoch_time_s": seconds, "world_size": 1})
+
+
+def test_holds_each_next_segment_once_ahead_of_the_boundary(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=15)
+    for segment in plan.segments:  # what the driver does around each fit
+        prefetcher.start_segment(segment.index)
+        for index in range(segment.first_epoch, segment.end_epoch):
+            epoch(prefetcher, index, 10.0)
+    prefetcher.release()
+    # Segment 1's extra worker after epoch 1, handed back as segment 1 starts; segment 2's two
+    # extra workers after epoch 5, handed back as segment 2 starts.
+    assert cluster.log == [("reserve", 1), ("remove", 1), ("reserve", 2), ("remove", 2)]
+    assert [(r.segment, r.epoch) for r in prefetcher.requests] == [(1, 1), (2, 5)]
+    assert [held.name for held in cluster.held] == ["run-prefetch-segment-1", "run-prefetch-segment-2"]
+    assert all(r.requested_at > 0 and r.placed is False for r in prefetcher.requests)
+
+
+def test_placed_nodes_are_held_until_ray_train_asks_for_them(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=10**6)
+    assert prefetcher.start_segment(0) is False  # nothing held
+    epoch(prefetcher, 0, 1.0)
+    cluster.held[0].is_placed = True
+    assert prefetcher.start_segment(1) is True
+    assert prefetcher.requests[0].placed is True
+    time.sleep(0.2)
+    assert cluster.log == [("reserve", 1)]  # still held: no worker group yet
+    cluster.held[0].worker_group_exists.set()
+    deadline = time.monotonic() + 5
+    while len(cluster.log) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cluster.log == [("reserve", 1), ("remove", 1)]
+    prefetcher.release()  # nothing left to hand back
+    assert cluster.log == [("reserve", 1), ("remove", 1)]
+
+
+def test_unplaced_nodes_are_handed_back_before_the_fit(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=10**6)
+    prefetcher.start_segment(1)
+    epoch(prefetcher, 3, 1.0)
+    # Pending next to Ray Train's own group, it would be counted twice.
+    assert prefetcher.start_segment(2) is False
+    assert cluster.log == [("reserve", 2), ("remove", 2)]
+    assert prefetcher.requests[0].placed is False
+
+
+def test_a_late_group_says_so_on_the_console(plan: ElasticPlan, caplog) -> None:
+    prefetcher, _ = prefetcher_for(plan, lead_time_s=10**6)
+    with caplog.at_level(logging.WARNING, logger="ray_sebs.autoscale"):
+        prefetcher.start_segment(0)
+        epoch(prefetcher, 0, 1.0)
+        prefetcher.start_segment(1)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("resource prefetch: holding 1 more worker bundles")
+    assert "were not there" in lines[1] and "--prefetch-lead-time" in lines[1]
+
+
+def test_never_asks_twice_even_when_epochs_are_reported_again(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=15)
+    for index in (0, 1, 1, 2, 1, 2):  # a worker-group restart replays epochs 1-2
+        epoch(prefetcher, index, 10.0)
+    assert cluster.log == [("reserve", 1)]
+
+
+def test_late_records_of_the_previous_segment_are_ignored(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=10**6)
+    prefetcher.start_segment(1)
+    epoch(prefetcher, 2, 1.0)  # segment 0's last record, arriving after segment 1 started
+    assert cluster.log == []
+    epoch(prefetcher, 3, 1.0)
+    assert [r.segment for r in prefetcher.requests] == [2]
+
+
+def test_averages_the_segments_epoch_times(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=100)
+    prefetcher.start_segment(1)
     # Segment 1 has epochs 3-6. After epoch 5 one epoch is left: at the last epoch's 20 s it would
     # be due, but the mean over the segment, (300 + 20 + 20) / 3 = 113 s, is above the 100 s lead
     # time, so the request waits for epoch 6 (nothing left).
-    for epoch, seconds in [(3, 300.0), (4, 20.0), (5, 20.0)]:
-        report(callback, epoch, seconds)
-    assert recorder.calls == []
-    report(callback, 6, 20.0)
-    assert recorder.calls == [[BUNDLE] * 4]
-    assert callback.requests[0].seconds_left == 0
+    for index, seconds in [(3, 300.0), (4, 20.0), (5, 20.0)]:
+        epoch(prefetcher, index, seconds)
+    assert cluster.log == []
+    epoch(prefetcher, 6, 20.0)
+    assert cluster.log == [("reserve", 2)]
+    assert prefetcher.requests[0].seconds_left == 0
 
 
-def test_callback_ignores_reports_it_cannot_read(plan: ElasticPlan) -> None:
-    recorder = Recorder()
-    callback = ResourcePrefetchCallback(plan, lead_time_s=10**6, request_fn=recorder)
-    callback.after_report(run_context=None, metrics=[{"validation_accuracy": 0.9}], checkpoint=None)
-    callback.after_report(run_context=None, metrics=[], checkpoint=None)
-    report(callback, 0, float("nan"))
-    report(callback, 0, -1.0)
-    report(callback, "zero", 1.0)  # type: ignore[arg-type]
-    report(callback, 99, 1.0)  # past the plan
-    assert recorder.calls == []
-    report(callback, 0, 1.0)
-    assert recorder.calls == [[BUNDLE] * 2]
+def test_ignores_records_it_cannot_read(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=10**6)
+    prefetcher.on_epoch({"validation_accuracy": 0.9})
+    epoch(prefetcher, 0, float("nan"))
+    epoch(prefetcher, 0, -1.0)
+    epoch(prefetcher, "zero", 1.0)  # type: ignore[arg-type]
+    epoch(prefetcher, 99, 1.0)  # past the plan
+    assert cluster.log == []
+    epoch(prefetcher, 0, 1.0)
+    assert cluster.log == [("reserve", 1)]
 
 
-def test_callback_is_a_train_v2_user_callback(plan: ElasticPlan) -> None:
-    from ray.train import RunConfig
-
-    callback = ResourcePrefetchCallback(plan)
-    assert isinstance(callback, UserCallback)
-    assert list(inspect.signature(callback.after_report).parameters) \
-        == list(inspect.signature(UserCallback.after_report).parameters)[1:]
-    RunConfig(callbacks=[callback])  # V2 accepts only UserCallback instances
-    copy = pickle.loads(pickle.dumps(callback))  # it travels to the Train controller
-    assert copy.plan == plan and copy.lead_time_s == DEFAULT_LEAD_TIME_S
+def test_release_hands_back_what_is_held_once(plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(plan, lead_time_s=10**6)
+    prefetcher.release()  # nothing held: nothing to do
+    epoch(prefetcher, 0, 1.0)
+    prefetcher.release()
+    prefetcher.release()
+    assert cluster.log == [("reserve", 1), ("remove", 1)]
 
 
-def test_release_withdraws_the_request() -> None:
-    recorder = Recorder()
-    release_resource_request(recorder)
-    assert recorder.calls == [[]]
+def test_the_lead_time_is_checked_where_it_is_given() -> None:
+    from ray_sebs.trainer import SEBSTrainer
+
+    with pytest.raises(ConfigError, match="prefetch_lead_time_s=-1"):
+        SEBSTrainer(lambda: None, datasets={"train": None}, schedule=ScheduleConfig(),  # type: ignore
+                    prefetch_lead_time_s=-1)
 
 
 @pytest.mark.ray
-def test_request_resources_works_on_a_plain_local_ray(ray_cluster: None, plan: ElasticPlan) -> None:
-    """The default request function is the real SDK call, made on a cluster without an autoscaler."""
-    callback = ResourcePrefetchCallback(plan, lead_time_s=10**6)
-    for epoch in range(plan.schedule.total_epochs):
-        report(callback, epoch, 1.0)
-    assert [r.segment for r in callback.requests] == [1, 2]
-    release_resource_request()
+def test_a_real_placement_group_is_held_and_removed(ray_cluster: None) -> None:
+    """The default reservation on a plain local Ray: a bundle that fits is placed at once."""
+    from ray.util import placement_group_table
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    held = PlacementGroupReservation([{"CPU": 0.01}], "ray-sebs-test-prefetch")
+    assert held.group.wait(timeout_seconds=60)
+    assert held.placed()
+    known = held.others()
+    other = placement_group([{"CPU": 0.01}] * 2)  # what Ray Train's worker group looks like
+    try:
+        held.wait_for_new(known, timeout_s=30)
+        assert held.others() - known == {other.id.hex()}
+        unrelated = placement_group([{"CPU": 0.02}])
+        assert unrelated.id.hex() not in held.others()
+        remove_placement_group(unrelated)
+    finally:
+        remove_placement_group(other)
+    held.remove()
+    assert placement_group_table(held.group)["state"] == "REMOVED"

@@ -166,6 +166,9 @@ BEFORE_RAY = [
     pytest.param(["--max-failures", "-2"], "--max-failures=-2: must be >= 0, or -1 for no limit",
                  id="max-failures"),
     pytest.param(["--num-cpus", "0"], "--num-cpus=0: must be >= 1", id="num-cpus-0"),
+    pytest.param(["--prefetch-lead-time", "-1"],
+                 "--prefetch-lead-time=-1.0: must be a finite number of seconds >= 0",
+                 id="prefetch-lead-time"),
     pytest.param(["--storage-path", "{d}/afile/runs"],
                  "--storage-path='{d}/afile/runs': is not writable (Not a directory); pass a "
                  "writable directory", id="storage-not-writable"),
