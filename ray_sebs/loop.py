@@ -46,7 +46,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import ray.train
@@ -112,6 +112,8 @@ class SegmentConfig:
     """One of :data:`~ray_sebs.optim.PRECISIONS`."""
     cache_data: str = "none"
     """One of :data:`~ray_sebs.data.CACHE_MODES` (:class:`ShardBatches`)."""
+    gradient_noise: bool = True
+    """Measure the gradient noise scale on sampled updates (:func:`noise_estimate`)."""
     workers: int | None = None
     """Workers the driver asked for: the segment's target, or fewer when the cluster cannot place
     it (the driver has warned about that). ``None``: the target."""
@@ -223,6 +225,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         tally = EpochTally(device=device, updates_before=state.updates)
         rule = UpdateRule.for_epoch(split.loss_scale, world_size, micro_batches, device,
                                     clip_grad_norm=config.optimizer.clip_grad_norm, autocast=autocast)
+        if not config.gradient_noise:
+            rule = replace(rule, noise_every=None)
         batches = first_batches if epoch == resume_epoch else train_batches.epoch(
             split.rank_samples[rank], shuffle_seed=epoch_seed(config.seed, epoch, rank))
         for update in range(split.updates_per_epoch):

@@ -138,6 +138,10 @@ class SEBSTrainer:
             driver's CPU, on two rows of each dataset, before any worker starts
             (:func:`check_objective`); turn it off for a model that cannot run there (GPU-only
             kernels, or too large for the driver's memory).
+        gradient_noise: Measure the gradient noise scale (history ``gradient_noise_scale``) on one
+            update in 32, or in 128 where an update of one micro-batch is split into two halves
+            for it: a model with batch statistics (BatchNorm) sees a half batch on those updates,
+            and a model that counts its forwards sees one more. ``False``: never.
         cache_data: Where each rank's update batches come from (:class:`~ray_sebs.loop.ShardBatches`):
             ``none`` streams its Ray Data shard every epoch (data of any size); ``host`` or
             ``device`` reads the shard once per worker group into host memory or onto the
@@ -177,6 +181,7 @@ class SEBSTrainer:
         precision: str = "fp32",
         cache_data: str = "none",
         check_on_driver: bool = True,
+        gradient_noise: bool = True,
         run_config: RunConfig | None = None,
         seed: int = 0,
         prefetch_lead_time_s: float | None = DEFAULT_LEAD_TIME_S,
@@ -219,6 +224,7 @@ class SEBSTrainer:
                               f"use one of {', '.join(CACHE_MODES)}")
         self.precision = precision
         self.cache_data = cache_data
+        self.gradient_noise = gradient_noise
         self.check_on_driver = check_on_driver and (batch_loss_fn is not None or eval_fn is not None)
         self.run_config = run_config or RunConfig()
         self.seed = seed
@@ -344,7 +350,7 @@ class SEBSTrainer:
                 plan=plan, segment_index=segment.index, model_factory=self.model_factory,
                 optimizer=self.optimizer, objective=self.objective, seed=self.seed,
                 has_validation="validation" in self.datasets, precision=self.precision,
-                cache_data=self.cache_data,
+                cache_data=self.cache_data, gradient_noise=self.gradient_noise,
                 workers=workers,
                 checkpoint_every_epochs=self.checkpoint_every_epochs,
                 checkpoint_every_s=self.checkpoint_every_s, progress_queue=progress_queue,

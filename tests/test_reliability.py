@@ -121,11 +121,13 @@ def fit(tmp_path: Any, name: str, train: ray.data.Dataset, schedule: ScheduleCon
         cluster: ClusterConfig, model_factory: Any = small_model,
         validation: ray.data.Dataset | None = None, max_failures: int = 1):
     datasets = {"train": train} | ({"validation": validation} if validation is not None else {})
-    # Every epoch checkpointed: the faults below resume from the epoch before them.
+    # Every epoch checkpointed: the faults below resume from the epoch before them. No gradient
+    # noise measurement: it splits sampled updates into two forwards, and the faults here are
+    # placed by counting forwards (one per update).
     trainer = SEBSTrainer(model_factory, datasets=datasets, schedule=schedule, cluster=cluster,
                           run_config=RunConfig(name=name, storage_path=str(tmp_path),
                                                failure_config=FailureConfig(max_failures=max_failures)),
-                          checkpoint_every_epochs=1)
+                          checkpoint_every_epochs=1, gradient_noise=False)
     return trainer.fit()
 
 
