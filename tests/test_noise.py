@@ -62,12 +62,12 @@ def test_the_estimates_average_to_the_exact_gradient_norm_and_trace(loss, batch,
     rule = replace(UpdateRule.for_epoch(1 / batch, 1, micro_batches, torch.device("cpu")), noise_every=1)
     tally = EpochTally(device=torch.device("cpu"), updates_before=0)
     generator = torch.Generator().manual_seed(1)
-    for _ in range(6000):
+    for _ in range(3000):
         index = torch.randint(0, ROWS, (batch,), generator=generator)  # with replacement
         train_update(model, optimizer, Objective(loss=loss), {"features": features[index],
                                                               "target": targets[index]}, rule, tally)
     squared, trace, measurements = tally.noise_sums().tolist()
-    assert measurements == 6000
+    assert measurements == 3000
     assert tally.steps_per_update[0] == max(2, len(micro_batches))
     assert tally.rows_per_update == [batch] * len(tally.rows_per_update)
     unmeasurable = noise_estimate(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(2.0), torch.tensor(8.0))
