@@ -521,17 +521,18 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
     no_sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) \
         else contextlib.nullcontext
     micro_batches = rule.micro_batches
-    measuring = rule.noise_every is not None and sum(micro_batches) >= 2 \
-        and len(tally.rows_per_update) % rule.noise_every == 0
+    measuring = rule.noise_every is not None \
+        and len(tally.rows_per_update) % rule.noise_every == 0 and sum(micro_batches) >= 2
     if measuring and len(micro_batches) == 1:
         micro_batches = split_evenly(micro_batches[0], 2)  # the first half is the small batch
     offset = rows = 0
+    batch_size = batch_rows(batch)
     per_row: bool | None = None
     small: tuple[torch.Tensor, torch.Tensor] | None = None  # (squared norm, its batch)
     update_counts: list[torch.Tensor | int | float] = []
     for step, size in enumerate(micro_batches):
         sync = step == len(micro_batches) - 1
-        micro_batch = batch if size == batch_rows(batch) else slice_rows(batch, offset, offset + size)
+        micro_batch = batch if size == batch_size else slice_rows(batch, offset, offset + size)
         with contextlib.nullcontext() if sync else no_sync():
             with rule.autocast():
                 output = objective.loss(model, micro_batch)
