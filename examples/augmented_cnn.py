@@ -122,22 +122,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # Ray and ray_sebs are imported here, not at the top: the test imports this module for its
     # functions without starting anything.
-    import ray
     from ray.train import RunConfig
 
     from ray_sebs import ClusterConfig, DatasetConfig, ScheduleConfig, SEBSTrainer, build_model, load_data
-    from ray_sebs.console import quiet_ray_driver, ray_init_options
+    from ray_sebs.preflight import start_or_join_ray
     from ray_sebs.report import stage_table, write_history
 
-    if not ray.is_initialized():
-        # "local" starts a new Ray in this process even when another one runs on the machine
-        # (a plain ray.init() would join that one). Ray's own INFO lines stay in its log files.
-        if args.address:
-            ray.init(address=args.address, **ray_init_options(verbose=False))
-        else:
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
-                     **ray_init_options(verbose=False))
-    quiet_ray_driver(verbose=False)
+    # As `ray-sebs train` does: join --address, else a new local Ray in this process (even when
+    # another runs on the machine); Ray's own INFO lines stay in its log files.
+    start_or_join_ray(args.address, num_cpus=args.num_cpus)
 
     # The seeded 80/20 split, materialized; raw pixels (the transforms scale them), so that the
     # crop's padding is background and not a standardized value.

@@ -92,26 +92,35 @@ def connect_ray(args: argparse.Namespace) -> None:
     """Join ``--address`` (or the job's cluster), else start a local Ray in this process."""
     import ray
 
-    from ray_sebs.console import quiet_ray_driver, ray_init_options
-
     if ray.is_initialized():
         return
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         probe_address(address)
-    verbose = getattr(args, "verbose", False)
     try:
-        if address:
-            ray.init(address=address, **ray_init_options(verbose))
-        else:
-            # "local": a new Ray in this process even when `ray start` left a cluster on this
-            # machine, which ray.init() would otherwise join (and refuse num_cpus for).
-            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
-                     **ray_init_options(verbose))
-        quiet_ray_driver(verbose)
+        start_or_join_ray(address, num_cpus=args.num_cpus, verbose=getattr(args, "verbose", False))
     except (ConnectionError, ValueError, RuntimeError) as error:
         raise ConfigError("address", address, f"no Ray cluster could be reached ({error})",
                           "start one with `ray start --head` or pass the right --address") from None
+
+
+def start_or_join_ray(address: str | None, *, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Join the Ray cluster at ``address``, else start a local Ray in this process; Ray's own INFO
+    output goes to its log files unless ``verbose`` (:mod:`ray_sebs.console`). A script's way to
+    start Ray as ``ray-sebs train`` does (the examples use it)."""
+    import ray
+
+    from ray_sebs.console import quiet_ray_driver, ray_init_options
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, **ray_init_options(verbose))
+    else:
+        # "local": a new Ray in this process even when `ray start` left a cluster on this
+        # machine, which ray.init() would otherwise join (and refuse num_cpus for).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **ray_init_options(verbose))
+    quiet_ray_driver(verbose)
 
 
 def check_storage_path(storage_path: str) -> None:
