@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.train import RunConfig
 
     from ray_sebs import ClusterConfig, DatasetConfig, ScheduleConfig, SEBSTrainer, build_model, load_data
+    from ray_sebs.history import every_update_exact
     from ray_sebs.preflight import start_or_join_ray
     from ray_sebs.report import stage_table, write_history
 
@@ -166,8 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print()
     print(stage_table(history))
-    exact = all(r["samples_per_update_min"] == r["samples_per_update_max"] == r["global_batch_size"]
-                for r in history)
+    exact = every_update_exact(history)
     print(f"every update used exactly B_s images: {'yes' if exact else 'NO'} "
           f"({sum(r['epoch_updates'] for r in history):,} updates; planned {result.plan.total_updates:,})")
     first, last = history[0], history[-1]

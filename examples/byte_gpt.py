@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.train import RunConfig
 
     from ray_sebs import ClusterConfig, OptimizerConfig, ScheduleConfig, SEBSTrainer, build_schedule
+    from ray_sebs.history import every_update_exact
     from ray_sebs.preflight import start_or_join_ray
     from ray_sebs.report import stage_table, write_history
 
@@ -305,8 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print()
     print(stage_table(history))
-    exact = all(r["samples_per_update_min"] == r["samples_per_update_max"] == r["global_batch_size"]
-                for r in history)
+    exact = every_update_exact(history)
     print(f"every update used exactly B_s rows: {'yes' if exact else 'NO'} "
           f"({sum(r['epoch_updates'] for r in history):,} updates; planned {result.plan.total_updates:,})")
     counts = {int(r["train_loss_count"]) for r in history}

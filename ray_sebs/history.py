@@ -214,3 +214,10 @@ def first_reaching(history: History, target: float) -> int | None:
 def count_noun(number: int, noun: str, plural: str | None = None) -> str:
     """``1 resize``, ``2 resizes``, ``0 recoveries``."""
     return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def every_update_exact(history: History) -> bool:
+    """Whether every update of every epoch used exactly its stage's global batch: the loop's
+    counted fewest and most samples per update both equal ``global_batch_size``."""
+    return all(record["samples_per_update_min"] == record["samples_per_update_max"]
+               == record["global_batch_size"] for record in history)
