@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
+from ray_sebs.interrupt import ray_usable
 from ray_sebs.report import format_epoch
 
 logger = logging.getLogger(__name__)
@@ -138,13 +139,11 @@ class RunConsole:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        import ray
-
         self._stop.set()
         self._thread.join(timeout=5)
-        if not ray.is_initialized():
-            # Ray was shut down under the run (Ctrl-C, SIGTERM): the queue went with it, and a
-            # call on it would make Ray start a new local instance to serve it.
+        if not ray_usable():
+            # Ray is shut down under the run (Ctrl-C, SIGTERM): the queue goes with it, and a
+            # call on it could wait a minute on the half-closed connection.
             self._close_bar()
             return
         self._handle_all()

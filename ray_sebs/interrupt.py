@@ -14,8 +14,9 @@ On a signal the main thread shuts Ray down: a local Ray started by the command t
 processes (workers included) with it; on a cluster (``--address``) the driver disconnects and Ray
 ends the job's actors, the Train controller and through it the workers. The command's thread then
 fails out of its ``ray.get`` and runs its clean-up (the run lock is released, TensorBoard files are
-closed or uploaded) while the main thread waits for it. Registered checkpoints stay, so the same
-command resumes the run.
+closed or uploaded) while the main thread waits for it, at most :data:`CLEANUP_WAIT_S`. A run lock
+that clean-up did not get to is then released by the main thread, so the same command can resume
+at once. Registered checkpoints stay, so the same command resumes the run.
 """
 
 from __future__ import annotations
@@ -27,10 +28,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ray_sebs.runlock import release_held_locks
+
+logger = logging.getLogger(__name__)
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLEANUP_WAIT_S = 60.0
 """How long the command's thread may take to clean up after Ray is shut down."""
 POLL_S = 0.2
+
+_stopping = threading.Event()
+"""Set from the first stop signal until :func:`run_interruptible` returns."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ def run_interruptible(command: Callable[[], int]) -> int | Interruption:
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)  # a second signal during the clean-up is only recorded
+        _stopping.set()
 
     previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
     ray_worker_log = logging.getLogger("ray._private.worker")
@@ -100,17 +109,29 @@ def run_interruptible(command: Callable[[], int]) -> int | Interruption:
         if received:
             shutdown_ray()
             thread.join(CLEANUP_WAIT_S)
+            if thread.is_alive():
+                logger.warning("the interrupted command did not finish its clean-up within %g s; "
+                               "ending it", CLEANUP_WAIT_S)
+            release_held_locks()
             # A Ray call in the command's clean-up makes Ray start a new local instance when its
             # auto-init is on (the CLI turns it off); that one must not outlive the command.
             shutdown_ray()
             return Interruption(received[0])
     finally:
+        _stopping.clear()
         ray_worker_log.removeFilter(quiet)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return int(outcome["status"])  # type: ignore[call-overload]
+
+
+def ray_usable() -> bool:
+    """Whether a clean-up may still call Ray: connected, and no stop signal came. After one, the
+    main thread is shutting Ray down, and a call made while the connection is half closed can
+    wait on it for a minute."""
+    return ray_initialized() and not _stopping.is_set()
 
 
 def ray_initialized() -> bool:

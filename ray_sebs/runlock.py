@@ -15,6 +15,9 @@ The file goes through :mod:`ray_sebs.storage`, so it works on shared storage too
 has no create-if-absent, so two drivers starting within the same instant could both write it: the
 lock reads its file back after writing and refuses when another driver's write won, which leaves
 only writes that land in the same few milliseconds undetected.
+
+An interrupted driver (:mod:`ray_sebs.interrupt`) releases its locks from the main thread with
+:func:`release_held_locks` when the command's own clean-up did not get to it in time.
 """
 
 from __future__ import annotations
@@ -37,6 +40,21 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
+
+_held: set[RunLock] = set()
+"""The locks this process holds; guarded by ``_held_guard``."""
+_held_guard = threading.Lock()
+
+
+def release_held_locks() -> int:
+    """Release every lock this process still holds; how many there were. For the main thread of
+    an interrupted driver whose command thread is stuck in its clean-up: the process is about to
+    end, and a lock left behind would refuse the same command for a minute."""
+    with _held_guard:
+        locks = list(_held)
+    for lock in locks:
+        lock.release()
+    return len(locks)
 
 
 @dataclass(frozen=True)
@@ -109,9 +127,16 @@ class RunLock:
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="ray-sebs-run-lock", daemon=True)
         self._thread.start()
+        with _held_guard:
+            _held.add(self)
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lock file if it is still this driver's."""
+        """Stop the heartbeat and delete the lock file if it is still this driver's. Safe to call
+        again and from two threads at once: only the first call deletes."""
+        with _held_guard:
+            if self not in _held:
+                return
+            _held.discard(self)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s)

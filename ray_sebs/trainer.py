@@ -47,6 +47,7 @@ from ray_sebs.errors import (
     require_seconds,
 )
 from ray_sebs.history import change_totals, worker_seconds
+from ray_sebs.interrupt import ray_usable
 from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, SegmentConfig, train_segment
 from ray_sebs.objective import (
     BatchLossFn,
@@ -303,9 +304,9 @@ class SEBSTrainer:
                 result = self._fit_segments(plan, run_config, record, run_dir, capacity, console.queue,
                                             prefetcher)
         finally:
-            # Not after an interruption shut Ray down: the placement group went with the driver,
-            # and a Ray call would start a new local Ray.
-            if prefetcher is not None and ray.is_initialized():
+            # Not after an interruption shuts Ray down: the placement group goes with the driver,
+            # and a Ray call could wait on the half-closed connection.
+            if prefetcher is not None and ray_usable():
                 prefetcher.release()
         checkpoint = result.checkpoint if result is not None else latest_recorded_checkpoint(record)
         if checkpoint is None:

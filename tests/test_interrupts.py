@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import pytest
 import ray.train
 from processes import end_session, run_in_session, session_processes
 
+import ray_sebs.interrupt as interrupt_handling
 from ray_sebs.cli import main
 from ray_sebs.errors import ConfigError
 from ray_sebs.loop import CHECKPOINT_FILE
@@ -170,6 +172,31 @@ def test_a_live_lock_refuses_and_a_dead_or_silent_driver_s_lock_is_taken_over(tm
             assert held["heartbeat_at"] > held["started_at"]
         assert [record.getMessage() for record in caplog.records if reason in record.getMessage()]
         assert not (tmp_path / "run" / LOCK_FILE).exists(), "released when the run ends"
+
+
+def test_an_interrupted_command_stuck_in_its_clean_up_still_leaves_no_lock(tmp_path, monkeypatch, caplog):
+    # The command thread holds the lock and never returns (as one stuck in a Ray call after
+    # Ray was shut down under it): the main thread waits CLEANUP_WAIT_S, then releases the lock
+    # itself, so the same command can resume at once. No Ray here: shutdown_ray does nothing.
+    monkeypatch.setattr(interrupt_handling, "CLEANUP_WAIT_S", 0.5)
+    monkeypatch.setattr(interrupt_handling, "shutdown_ray", lambda: None)
+    stuck = threading.Event()
+
+    def command() -> int:
+        RunLock(str(tmp_path / "run"), name="run").acquire()
+        os.kill(os.getpid(), signal.SIGINT)
+        stuck.wait(60)
+        return 0
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="ray_sebs"):
+            outcome = interrupt_handling.run_interruptible(command)
+    finally:
+        stuck.set()
+    assert outcome == interrupt_handling.Interruption(signal.SIGINT)
+    assert "did not finish its clean-up within 0.5 s" in caplog.text
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    assert interrupt_handling.release_held_locks() == 0, "each lock released once"
 
 
 @pytest.mark.timeout(300)
