@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from tests.processes import end_session
+from tests.slow_launch import LAUNCH_DELAY_ENV
 from tests.toy_problem import make_rows, small_model, to_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +42,8 @@ SLOT = "sebs_slot"
 second worker fits only on a node the autoscaler adds."""
 
 WORKER_NODE_TYPE = "ray.worker.slot"
-FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+FAKE_PROVIDER = "tests.slow_launch.SlowLaunchProvider"
+"""Ray's fake multi-node provider, with an optional launch delay (:mod:`tests.slow_launch`)."""
 FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 """``ray.autoscaler._private.fake_multi_node.node_provider.FAKE_HEAD_NODE_ID``: the v2 autoscaler
 finds the head's instance by this id."""
@@ -62,6 +64,8 @@ class AutoscalingCluster:
     node_cpus: float = 1
     max_nodes: int = 1
     idle_timeout_s: float = 6.0
+    launch_delay_s: float = 0.0
+    """Seconds each node launch waits before its raylet starts (a cloud's minutes, scaled down)."""
     object_store_bytes: int = 150 * 1024**2
     address: str = ""
     """``IP:PORT`` of the head's GCS, once started."""
@@ -111,7 +115,7 @@ class AutoscalingCluster:
                "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                "RAY_enable_autoscaler_v2": "1", "RAY_CLOUD_INSTANCE_ID": FAKE_HEAD_NODE_ID,
                "RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID,
-               "RAY_AUTH_MODE": "disabled",
+               "RAY_AUTH_MODE": "disabled", LAUNCH_DELAY_ENV: f"{self.launch_delay_s:g}",
                # A loaded machine starts the dashboard agent slowly; the raylet waits for it.
                "RAY_agent_register_timeout_ms": "120000",
                # Every worker, on every fake node, imports this checkout's ray_sebs.
@@ -177,10 +181,12 @@ class SlowModel(torch.nn.Module):
 
 
 def growing_run(storage_path: str, name: str, *, lead_time_s: float | None,
-                epochs: tuple[int, int] = (3, 1), rows: int = 256, delay_s: float = 0.0) -> Any:
+                epochs: tuple[int, int] = (3, 1), rows: int = 256, delay_s: float = 0.0,
+                min_workers: int = 1) -> Any:
     """A SEBS run of 2 stages on :data:`SLOT` workers: stage 1 on 1 worker (the head's slot),
     stage 2 on up to 2, so its second worker needs a node the autoscaler adds. ``lead_time_s=None``:
-    no prefetch; ``delay_s``: sleep per forward (:class:`SlowModel`). Needs
+    no prefetch; ``delay_s``: sleep per forward (:class:`SlowModel`); ``min_workers=2``: stage 2
+    waits for both workers instead of starting with what is there. Needs
     ``RAY_SEBS_AUTOSCALING=1`` and a connected Ray."""
     from ray.train import RunConfig
 
@@ -189,7 +195,7 @@ def growing_run(storage_path: str, name: str, *, lead_time_s: float | None,
 
     schedule = ScheduleConfig(initial_batch_size=8, growth_ratio=2, num_stages=2,
                               epochs_per_stage=epochs, learning_rate=0.1)
-    cluster = ClusterConfig(min_workers=1, max_workers=2, max_micro_batch=8,
+    cluster = ClusterConfig(min_workers=min_workers, max_workers=2, max_micro_batch=8,
                             resources_per_worker={"CPU": 0.25, SLOT: 1})
     trainer = SEBSTrainer(functools.partial(SlowModel, delay_s),
                           datasets={"train": to_dataset(*make_rows(rows))},
