@@ -101,7 +101,8 @@ class ScheduleConfig:
     0: none. The stage learning rates are those without warm-up."""
 
     noise_threshold: float = 1.0
-    """``adaptive``: stage ``s+1`` may begin once ``B_noise >= noise_threshold * rho * B_s``."""
+    """``adaptive``: stage ``s+1`` may begin once ``B_noise >= noise_threshold * rho * B_s``; 0
+    grows after every ``min_epochs_per_stage`` whatever the noise (:func:`should_grow`)."""
 
     min_epochs_per_stage: int = 1
     """``adaptive``: epochs every stage runs before the next may begin."""
@@ -362,11 +363,16 @@ def should_grow(noise_scale: float, batch_size: int, growth_ratio: float, thresh
     ``min_epochs`` epochs and the smoothed gradient noise scale has reached ``threshold`` times
     the next batch, ``rho * B_s`` (McCandlish et al. 2018: a batch below B_noise wastes few
     samples). A NaN noise scale (not measured yet, or ``|G|^2`` not measurably positive) never
-    grows. Past ``max_batch_size`` the next stage keeps the batch and divides the learning rate
-    by ``rho``, which lowers the SGD noise ``eta / B`` as a batch of ``rho * B_s`` would."""
-    if epochs_in_stage < min_epochs or math.isnan(noise_scale):
+    grows, unless ``threshold`` is 0: that asks nothing of the noise scale (whose estimate may be
+    NaN or below 0 on a few measurements), so every stage runs ``min_epochs`` epochs, the earliest
+    growth of :func:`earliest_stage_starts`. Past ``max_batch_size`` the next stage keeps the
+    batch and divides the learning rate by ``rho``, which lowers the SGD noise ``eta / B`` as a
+    batch of ``rho * B_s`` would."""
+    if epochs_in_stage < min_epochs:
         return False
-    return noise_scale >= threshold * growth_ratio * batch_size
+    if threshold == 0:
+        return True
+    return not math.isnan(noise_scale) and noise_scale >= threshold * growth_ratio * batch_size
 
 
 def earliest_stage_starts(config: ScheduleConfig) -> tuple[int, ...]:

@@ -25,22 +25,26 @@ ADAPTIVE = ScheduleConfig(kind="adaptive", initial_batch_size=16, growth_ratio=2
                           epochs_per_stage=5, min_epochs_per_stage=2)
 
 
-@given(noise=st.floats(min_value=0, max_value=1e6), batch=st.integers(1, 4096),
-       ratio=st.floats(1, 8), threshold=st.floats(0, 10), epochs=st.integers(0, 20),
+@given(noise=st.floats(min_value=-1e3, max_value=1e6), batch=st.integers(1, 4096),
+       ratio=st.floats(1, 8), threshold=st.one_of(st.just(0.0), st.floats(0, 10)), epochs=st.integers(0, 20),
        min_epochs=st.integers(1, 20))
 def test_grows_exactly_when_noise_reaches_the_threshold_after_the_minimum_epochs(
         noise, batch, ratio, threshold, epochs, min_epochs):
     grows = should_grow(noise, batch, ratio, threshold, epochs, min_epochs)
-    assert grows == (epochs >= min_epochs and noise >= threshold * ratio * batch)
-    assert not should_grow(math.nan, batch, ratio, threshold, epochs, min_epochs)
+    assert grows == (epochs >= min_epochs and (threshold == 0 or noise >= threshold * ratio * batch))
+    assert should_grow(math.nan, batch, ratio, threshold, epochs, min_epochs) \
+        == (threshold == 0 and epochs >= min_epochs)
 
 
 def test_grow_rule_examples():
     assert should_grow(64.0, 32, 2.0, 1.0, 1, 1), "B_noise = rho * B_s: grow"
     assert not should_grow(63.9, 32, 2.0, 1.0, 1, 1)
     assert not should_grow(1e9, 32, 2.0, 1.0, 1, 2), "the stage has not run its minimum"
-    assert should_grow(0.0, 32, 2.0, 0.0, 3, 2), "threshold 0: grows after the minimum"
-    assert not should_grow(-1.0, 32, 2.0, 0.0, 3, 2), "a negative estimate is below any batch"
+    assert not should_grow(-1.0, 32, 2.0, 0.5, 3, 2), "a negative estimate is below any batch"
+    for noise in (-1.0, math.nan, 0.0):
+        assert should_grow(noise, 32, 2.0, 0.0, 3, 2), "threshold 0: grows after the minimum"
+        assert not should_grow(noise, 32, 2.0, 0.0, 1, 2)
+    assert not should_grow(math.nan, 32, 2.0, 1e-9, 3, 2), "no measurement: no growth"
 
 
 def test_budget_is_the_fixed_schedules_and_the_stages_are_sebs():

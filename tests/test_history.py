@@ -68,4 +68,4 @@ def test_wall_time_worker_seconds_and_first_epoch_reaching_a_target():
 def test_the_record_names_every_history_column_once():
     assert HISTORY_COLUMNS[:3] == ("epoch", "stage", "segment")
     assert HISTORY_COLUMNS[-3:] == ("segment_started_at", "first_update_at", "ended_at")
-    assert len(set(HISTORY_COLUMNS)) == len(HISTORY_COLUMNS) == 26
+    assert len(set(HISTORY_COLUMNS)) == len(HISTORY_COLUMNS) == 27
