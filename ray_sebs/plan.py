@@ -373,6 +373,15 @@ def adaptive_plan_range(schedule_config: ScheduleConfig, dataset_size: int,
     return earliest, build_plan(undecided, dataset_size, cluster)
 
 
+def widest_plan(schedule_config: ScheduleConfig, dataset_size: int,
+                cluster: ClusterConfig) -> ElasticPlan:
+    """The plan with the most stages and workers a run of the schedule can reach, which sizes
+    workers and clusters: the earliest growth of an adaptive schedule, else its one plan."""
+    if schedule_config.kind == "adaptive":
+        return adaptive_plan_range(schedule_config, dataset_size, cluster)[0]
+    return build_plan(schedule_config, dataset_size, cluster)
+
+
 def _require_positive_int(name: str, value: object, fix: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(name, value, "must be an integer >= 1", fix)

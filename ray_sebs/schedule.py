@@ -54,6 +54,8 @@ ScheduleKind = Literal["sebs", "ssgd", "constant", "adaptive"]
 SCHEDULE_KINDS: tuple[str, ...] = ("sebs", "ssgd", "constant", "adaptive")
 GROWING_KINDS: tuple[str, ...] = ("sebs", "adaptive")
 """The kinds whose batch grows by ``rho`` per stage (:func:`stage_batch_and_lr`)."""
+RUN_DECIDED_FIELDS: tuple[str, ...] = ("stage_starts",)
+"""Fields of :class:`ScheduleConfig` that a run decides as it trains: no flag sets them."""
 LrScaling = Literal["linear", "sqrt"]
 LR_SCALINGS: tuple[str, ...] = ("linear", "sqrt")
 LR_SCALING_EXPONENTS: dict[str, float] = {"linear": 1.0, "sqrt": 0.5}

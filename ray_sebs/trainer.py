@@ -60,7 +60,7 @@ from ray_sebs.objective import (
     sum_and_count,
 )
 from ray_sebs.optim import PRECISIONS, OptimizerConfig
-from ray_sebs.plan import ClusterConfig, ElasticPlan, adaptive_plan_range, build_plan
+from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan, widest_plan
 from ray_sebs.records import read_record, refuse_other_settings, write_record
 from ray_sebs.report import TENSORBOARD_DIR, TensorBoardWriter
 from ray_sebs.resources import (
@@ -262,7 +262,7 @@ class SEBSTrainer:
         plan = self.plan()
         if plan.schedule.config.kind != "adaptive":
             return plan
-        return adaptive_plan_range(plan.schedule.config, plan.schedule.dataset_size, plan.cluster)[0]
+        return widest_plan(plan.schedule.config, plan.schedule.dataset_size, plan.cluster)
 
     def fit(self) -> SEBSResult:
         """Run every segment of the plan; resumes a run of the same name where it stopped."""

@@ -140,3 +140,56 @@ def test_a_fixed_schedule_has_no_range_and_its_plan_is_unchanged():
     assert document["stage_starts"] == [2]
     assert document["schedule"]["adaptive"] == {"noise_threshold": 1.0, "min_epochs_per_stage": 2,
                                                 "epoch_budget": 20}
+
+
+def test_plan_command_prints_the_earliest_and_latest_growth(capsys):
+    from ray_sebs.cli import main
+
+    flags = ["plan", "--schedule", "adaptive", "--batch-size", "16", "--stages", "3",
+             "--epochs-per-stage", "4", "--min-epochs-per-stage", "2", "--noise-threshold", "0.5",
+             "--dataset-size", "1000", "--max-micro-batch", "16"]
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    earliest, latest = adaptive_plan_range(
+        ScheduleConfig(kind="adaptive", initial_batch_size=16, num_stages=3, epochs_per_stage=4,
+                       min_epochs_per_stage=2, noise_threshold=0.5),
+        1000, ClusterConfig(max_micro_batch=16))
+    assert [p.stage.epochs for p in earliest.stages] == [2, 2, 8]
+    assert "B_noise >= 0.5 x 2 x B_s, after at least 2 epochs" in out
+    assert "budget 12 epochs, at most 3 stages" in out
+    assert f"updates: {earliest.total_updates:,}" in out
+    assert (f"latest growth (never grows): stage 1 for 12 epochs, {latest.total_updates:,} "
+            "updates") in out
+    assert (f"range: {earliest.total_updates:,} to {latest.total_updates:,} updates, peak workers "
+            f"1 to {earliest.peak_workers}") in out
+    assert main([*flags, "--json"]) == 0
+    import json
+
+    document = json.loads(capsys.readouterr().out)
+    assert document["totals"]["updates"] == earliest.total_updates
+    assert document["latest_growth"]["totals"]["updates"] == latest.total_updates
+    assert document["stage_starts"] == [2, 4]
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--noise-threshold", "-1"),
+                                             ("--noise-threshold", "nan"),
+                                             ("--min-epochs-per-stage", "0")])
+def test_bad_adaptive_flags_are_one_line_naming_the_flag(flag, value, capsys):
+    from ray_sebs.cli import main
+
+    assert main(["plan", "--schedule", "adaptive", flag, value]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"ray-sebs plan: error: {flag}=") and len(error.splitlines()) == 1
+
+
+def test_a_sweep_may_compare_adaptive_and_sizes_it_by_its_earliest_growth():
+    from ray_sebs.sweep_space import SweepSpace, sweep_plans
+
+    space = SweepSpace(ratios=(2.0,), kinds=("sebs", "adaptive", "ssgd"), seeds=(0,))
+    assert [c.label for c in space.configurations()] == ["sebs ρ=2", "adaptive ρ=2", "ssgd ρ=2"]
+    cluster = ClusterConfig(max_micro_batch=16)
+    plans = sweep_plans(space, replace(ADAPTIVE, kind="sebs"), 1000, cluster)
+    adaptive_plan = next(plan for c, plan in plans.items() if c.kind == "adaptive")
+    assert adaptive_plan.to_dict()["stages"] \
+        == adaptive_plan_range(ADAPTIVE, 1000, cluster)[0].to_dict()["stages"]
+    assert adaptive_plan.schedule.total_epochs == 20
