@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import pytest
+import ray
+import ray.cloudpickle
+import torch
+import torch.distributed as dist
 from ray.train import FailureConfig, RunConfig
 from toy_problem import make_rows, small_model, to_dataset
 
@@ -20,6 +25,9 @@ from ray_sebs import ClusterConfig, ScheduleConfig
 from ray_sebs.history import every_update_exact
 from ray_sebs.plan import adaptive_plan_range
 from ray_sebs.trainer import RUN_RECORD, SEBSTrainer
+
+# Workers do not have tests/ on their path: ship this module's classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -36,9 +44,27 @@ def adaptive(threshold: float) -> ScheduleConfig:
                           min_epochs_per_stage=1)
 
 
-def trainer(tmp_path: Any, name: str, schedule: ScheduleConfig) -> SEBSTrainer:
+class FailOnTwoWorkers(torch.nn.Module):
+    """The toy model, which raises at its first training forward in a group of two workers, once
+    per run (a marker file remembers): the driver's fit fails after the 1-worker segment."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.inner = small_model()
+        self.marker = marker
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.training and dist.is_initialized() and dist.get_world_size() == 2 \
+                and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError("stopped before the second segment")
+        return self.inner(features)
+
+
+def trainer(tmp_path: Any, name: str, schedule: ScheduleConfig,
+            model_factory: Any = small_model) -> SEBSTrainer:
     features, labels = make_rows(ROWS)
-    return SEBSTrainer(small_model, datasets={"train": to_dataset(features, labels)},
+    return SEBSTrainer(model_factory, datasets={"train": to_dataset(features, labels)},
                        schedule=schedule, cluster=CLUSTER, prefetch_lead_time_s=None,
                        checkpoint_every_epochs=1,
                        run_config=RunConfig(name=name, storage_path=str(tmp_path),
@@ -96,3 +122,26 @@ def test_a_huge_threshold_never_grows(tmp_path):
     assert result.plan.total_updates == 3 * (ROWS // 4) == history[-1]["updates"]
     assert every_update_exact(history)
     assert all(math.isnan(r["stage_start_noise_scale"]) for r in history)
+
+
+def test_a_run_stopped_after_a_decision_resumes_with_the_recorded_schedule(tmp_path):
+    marker = str(tmp_path / "failed")
+    stopped = trainer(tmp_path, "resume", adaptive(0.0),
+                      lambda: FailOnTwoWorkers(marker))
+    with pytest.raises(ray.train.TrainingFailedError):
+        stopped.fit()
+    with open(os.path.join(tmp_path, "resume", RUN_RECORD)) as handle:
+        record = json.load(handle)
+    assert [(d["stage"], d["epoch"]) for d in record["stage_decisions"]] == [(2, 1)]
+    assert {s: e["end_epoch"] for s, e in record["segments"].items()} == {"0": 1}
+
+    # The driver starts again: segment 1 (2 workers) from epoch 1, not segment 0 again.
+    result = trainer(tmp_path, "resume", adaptive(0.0), lambda: FailOnTwoWorkers(marker)).fit()
+    history = result.history
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert [(r["stage"], r["world_size"]) for r in history] == [(1, 1), (2, 2), (3, 2)]
+    assert [(d["stage"], d["epoch"]) for d in result.summary["stage_decisions"]] == [(2, 1), (3, 2)]
+    assert history[-1]["updates"] == result.plan.total_updates
+    assert every_update_exact(history)
+    with open(os.path.join(tmp_path, "resume", RUN_RECORD)) as handle:
+        assert json.load(handle)["segments"]["0"] == record["segments"]["0"], "segment 0 ran once"
