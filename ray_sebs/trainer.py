@@ -306,11 +306,10 @@ class SEBSTrainer:
         if shortage:
             logger.warning("%s", shortage)
         # Only an autoscaler adds nodes for pending demand; on a fixed cluster it would be noise.
-        # An adaptive run's next boundary is not in its plan until it is decided, so the prefetch
-        # (which asks ahead of a planned boundary) has nothing to act on: it is not started.
-        prefetcher = ResourcePrefetcher(plan, lead_time_s=self.prefetch_lead_time_s, name=name) \
-            if self.prefetch_lead_time_s is not None and autoscaling_enabled() and not adaptive \
-            else None
+        # An adaptive run's prefetch predicts its boundaries on the earliest growth's stages.
+        prefetcher = ResourcePrefetcher(widest if adaptive else plan,
+                                        lead_time_s=self.prefetch_lead_time_s, name=name) \
+            if self.prefetch_lead_time_s is not None and autoscaling_enabled() else None
         run_config = replace(
             self.run_config, name=name, storage_path=storage_path,
             callbacks=list(self.run_config.callbacks or []),
