@@ -113,7 +113,10 @@ class SEBSTrainer:
         datasets: A ``"train"`` Ray Dataset and optionally a ``"validation"`` one, with any
             columns ``batch_loss_fn`` reads; without it, ``features`` (float array) and ``label``
             (int) for the classification path.
-        schedule: The stagewise schedule (SEBS, SSGD or constant).
+        schedule: The stagewise schedule (SEBS, SSGD, constant or adaptive). An adaptive run
+            decides its stage starts as it trains (:func:`~ray_sebs.loop.decide_next_stage`):
+            workers are sized for its earliest growth, and ``SEBSResult.plan`` is the plan it
+            ran, with ``summary["stage_decisions"]`` saying why each stage began.
         cluster: Worker bounds, micro-batch cap, GPUs and per-worker resources. When
             ``resources_per_worker`` is unset, the CPUs per worker are sized from the cluster so
             that Ray Data always keeps a CPU for reading (:mod:`ray_sebs.resources`). A segment

@@ -193,3 +193,13 @@ def test_a_sweep_may_compare_adaptive_and_sizes_it_by_its_earliest_growth():
     assert adaptive_plan.to_dict()["stages"] \
         == adaptive_plan_range(ADAPTIVE, 1000, cluster)[0].to_dict()["stages"]
     assert adaptive_plan.schedule.total_epochs == 20
+
+
+def test_the_trainer_refuses_decided_stage_starts():
+    pytest.importorskip("ray")
+    from ray_sebs.trainer import SEBSTrainer
+
+    with pytest.raises(ConfigError) as error:
+        SEBSTrainer(lambda: None, datasets={"train": object()},
+                    schedule=replace(ADAPTIVE, stage_starts=(2,)))
+    assert error.value.field == "stage_starts"
