@@ -227,11 +227,17 @@ def worker_seconds(history: History) -> float:
     return sum(record["world_size"] * record["epoch_time_s"] for record in history)
 
 
-def first_reaching(history: History, target: float) -> int | None:
-    """Index of the first epoch whose validation accuracy is at least ``target``."""
+def first_reaching(history: History, target: float, metric: str = "accuracy",
+                   lower_is_better: bool = False) -> int | None:
+    """Index of the first epoch whose validation ``metric`` is at least ``target`` (at most, with
+    ``lower_is_better``, e.g. ``metric="loss"``)."""
     for index, record in enumerate(history):
-        accuracy = record["validation_accuracy"]
-        if accuracy is not None and not math.isnan(accuracy) and accuracy >= target:
+        value = record.get(f"validation_{metric}")
+        if value is None:
+            value = (record.get(METRICS_FIELD) or {}).get(metric)
+        if value is None or math.isnan(value):
+            continue
+        if (value <= target) if lower_is_better else (value >= target):
             return index
     return None
 
