@@ -20,7 +20,13 @@ the loss little here; with short documents it is most of the loss. Either way it
 run checks that every epoch's all-reduced count is the training set's target bytes.)
 
 The schedule is SEBS with AdamW: the global batch (in rows) doubles every stage, and the stage
-that outgrows one worker's micro-batch runs on two workers. AdamW takes SEBS's ``sqrt``
+that outgrows one worker's micro-batch runs on two workers. ``--schedule ssgd`` keeps B_1 and
+divides the learning rate by rho per stage instead (the baseline); ``--schedule adaptive`` takes
+SEBS's stages but begins each when the measured gradient noise scale reaches
+``--noise-threshold`` x rho x B_s (after at least ``--min-epochs-per-stage`` epochs), within the
+same budget of ``--stages`` x ``--epochs-per-stage`` epochs, and prints why each stage began. Every
+schedule trains on the same rows (a multiple of the largest batch SEBS reaches), so the three are
+comparable (``benchmarks/schedules_lm.py`` compares them). AdamW takes SEBS's ``sqrt``
 learning-rate law by default: eta_s * sqrt(B_s) stays eta_1 * sqrt(B_1), so the learning rate falls
 by sqrt(rho) per stage while the batch grows (the stage table shows it), after a short linear
 warm-up. ``--precision bf16`` runs the forward
@@ -39,6 +45,7 @@ import os
 import sys
 import sysconfig
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -221,9 +228,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16, help="rows per update in stage 1 (B_1)")
-    parser.add_argument("--ratio", type=float, default=2.0, help="batch growth per stage (rho)")
+    parser.add_argument("--schedule", choices=("sebs", "ssgd", "adaptive"), default="sebs",
+                        help="sebs grows the batch per stage, ssgd decays the learning rate, adaptive "
+                             "grows the batch when the gradient noise scale says so")
+    parser.add_argument("--ratio", type=float, default=2.0,
+                        help="batch growth (sebs, adaptive) or learning-rate decay (ssgd) per stage (rho)")
     parser.add_argument("--stages", type=int, default=3)
-    parser.add_argument("--epochs-per-stage", type=int, default=2)
+    parser.add_argument("--epochs-per-stage", type=int, default=2,
+                        help="epochs of each stage; adaptive: the budget is stages x this")
+    parser.add_argument("--noise-threshold", type=float, default=1.0,
+                        help="adaptive: the next stage begins once B_noise >= this x rho x B_s")
+    parser.add_argument("--min-epochs-per-stage", type=int, default=1,
+                        help="adaptive: epochs every stage runs before the next may begin")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of stage 1")
     parser.add_argument("--warmup-updates", type=int, default=30, help="linear warm-up from 0")
     parser.add_argument("--max-micro-batch", type=int, default=32,
@@ -257,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ray_sebs import ClusterConfig, OptimizerConfig, ScheduleConfig, SEBSTrainer, build_schedule
     from ray_sebs.history import every_update_exact
+    from ray_sebs.schedule import stage_batch_and_lr
     from ray_sebs.preflight import start_or_join_ray
     from ray_sebs.report import stage_table, write_history
 
@@ -268,13 +285,17 @@ def main(argv: list[str] | None = None) -> dict:
     train_rows = byte_rows(train_files, args.context)
     validation_rows = byte_rows(validation_files, args.context)
     schedule = ScheduleConfig(
-        kind="sebs", initial_batch_size=args.batch_size, growth_ratio=args.ratio,
+        kind=args.schedule, initial_batch_size=args.batch_size, growth_ratio=args.ratio,
         num_stages=args.stages, epochs_per_stage=args.epochs_per_stage, learning_rate=args.lr,
         # lr_scaling unset: SEBSTrainer takes AdamW's default law, sqrt.
-        warmup_updates=args.warmup_updates)
-    # Keep a multiple of the last stage's batch: then every epoch of every stage uses every row
-    # (no partial batch is dropped), and each epoch's target count must equal the dataset's.
-    last_batch = max(stage.global_batch_size for stage in build_schedule(schedule, len(train_rows)).stages)
+        warmup_updates=args.warmup_updates, noise_threshold=args.noise_threshold,
+        min_epochs_per_stage=args.min_epochs_per_stage)
+    # Keep a multiple of the largest batch SEBS reaches (whatever this run's schedule, so every
+    # schedule trains on the same rows): then every epoch of every stage uses every row (no partial
+    # batch is dropped), and each epoch's target count must equal the dataset's.
+    sebs = replace(schedule, kind="sebs")
+    last_batch = max(stage_batch_and_lr(sebs, stage)[0] for stage in range(1, args.stages + 1))
+    build_schedule(sebs, len(train_rows))  # says so when the data is smaller than the last batch
     train_rows = train_rows[: len(train_rows) // last_batch * last_batch]
     train_targets = target_count(train_rows)
     padded = int((train_rows[:, -1] == PAD).sum())
@@ -312,6 +333,14 @@ def main(argv: list[str] | None = None) -> dict:
     counts = {int(r["train_loss_count"]) for r in history}
     print(f"target bytes per epoch: {', '.join(f'{c:,}' for c in sorted(counts))} "
           f"(the training set holds {train_targets:,})")
+    decisions = result.summary.get("stage_decisions", [])
+    for decision in decisions:
+        print(f"stage {decision['stage']} began at epoch {decision['epoch']}: B_noise "
+              f"{decision['noise_scale']:.1f} >= {decision['threshold_batch_size']:g} "
+              f"(threshold x ratio x batch {decision['batch_size']})")
+    if args.schedule == "adaptive" and not decisions:
+        print(f"stage 1 ran the whole budget: B_noise never reached {args.noise_threshold:g} x "
+              f"{args.ratio:g} x {args.batch_size}")
     first, last = history[0], history[-1]
     print(f"validation loss {first['validation_loss']:.3f} -> {last['validation_loss']:.3f} nats/byte, "
           f"perplexity {math.exp(first['validation_loss']):.2f} -> {math.exp(last['validation_loss']):.2f}, "
@@ -319,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"run directory: {result.run_dir}")
     for kind, path in paths.items():
         print(f"  {kind}: {path}")
-    return {"result": result, "train_targets": train_targets, "exact": exact}
+    return {"result": result, "train_targets": train_targets, "exact": exact,
+            "stage_decisions": decisions}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ request lasts seconds. Entering the coordinator as a requester of its own would 
 requesters add up, so the next segment's bundles would be asked for twice once its ``fit()``
 registers them, and its API is private.
 
+An adaptive run's boundaries are decided as it trains, from the gradient noise scale; there the
+boundary is predicted from the trend of the stage's B_noise (:func:`predict_next_stage`) and the
+request is made once the predicted boundary is within the lead time
+(:func:`plan_adaptive_prefetch`).
+
 :func:`plan_prefetch` is the pure decision; :class:`ResourcePrefetcher` applies it in the driver,
 fed each epoch's record as the driver's console receives it (:class:`~ray_sebs.console.RunConsole`
 ``on_epoch``). Imports neither Ray nor torch at import time.
@@ -31,18 +36,22 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ray_sebs.errors import require_seconds
 from ray_sebs.plan import ElasticPlan
+from ray_sebs.schedule import should_grow
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEAD_TIME_S = 300.0
 """Seconds before a growing boundary to ask for the next segment's nodes: about what a cloud takes
 to provision a GPU node and pull a multi-GB image onto it (``cluster/README.md``)."""
+
+TREND_EPOCHS = 3
+"""Epochs of the current stage whose B_noise the adaptive prefetch fits a line through."""
 
 LEAD_TIME_FIX = "use e.g. 300 (five minutes): at least a node's launch plus its image pull"
 
@@ -104,6 +113,76 @@ def plan_prefetch(plan: ElasticPlan, epoch_just_finished: int, seconds_per_epoch
                            bundles=[dict(bundle) for _ in range(upcoming.workers - current.workers)],
                            epoch=epoch_just_finished, epochs_left=epochs_left,
                            seconds_left=seconds_left, lead_time_s=lead_time_s)
+
+
+def predict_next_stage(noise_by_epoch: Sequence[tuple[int, float]], stage_first_epoch: int,
+                       batch_size: int, plan: ElasticPlan) -> int | None:
+    """The 0-based epoch at which an adaptive run is predicted to begin the stage after the
+    current one (first epoch ``stage_first_epoch``, batch ``batch_size``), from the stage's
+    smoothed B_noise so far, ``(epoch, B_noise)`` in order; ``None`` when the trend never reaches
+    the threshold within the budget.
+
+    The boundary is no earlier than the stage's minimum epochs. Where the last B_noise already
+    passes the rule (:func:`~ray_sebs.schedule.should_grow`), that is the boundary; otherwise a
+    least-squares line through the last :data:`TREND_EPOCHS` finite values is extended to
+    ``noise_threshold * rho * B_s``; a flat or falling trend predicts no growth.
+    """
+    config = plan.schedule.config
+    budget = plan.schedule.total_epochs
+    earliest = stage_first_epoch + config.min_epochs_per_stage
+    last_epoch = noise_by_epoch[-1][0] if noise_by_epoch else stage_first_epoch - 1
+    points = [(epoch, noise) for epoch, noise in noise_by_epoch if math.isfinite(noise)]
+    # The rule without its minimum: does the last value already pass (threshold 0 always does)?
+    if should_grow(points[-1][1] if points else math.nan, batch_size, config.growth_ratio,
+                   config.noise_threshold, epochs_in_stage=1, min_epochs=1):
+        boundary = max(earliest, last_epoch + 1)
+        return boundary if boundary < budget else None
+    points = points[-TREND_EPOCHS:]
+    if len(points) < 2:
+        return None
+    mean_epoch = sum(epoch for epoch, _ in points) / len(points)
+    mean_noise = sum(noise for _, noise in points) / len(points)
+    spread = sum((epoch - mean_epoch) ** 2 for epoch, _ in points)
+    slope = sum((epoch - mean_epoch) * (noise - mean_noise) for epoch, noise in points) / spread
+    if slope <= 0:
+        return None
+    target = config.noise_threshold * config.growth_ratio * batch_size
+    crossing = mean_epoch + (target - mean_noise) / slope  # the epoch whose end reaches it
+    boundary = max(earliest, math.ceil(crossing) + 1, last_epoch + 1)
+    return boundary if boundary < budget else None
+
+
+def plan_adaptive_prefetch(plan: ElasticPlan, stage: int, noise_by_epoch: Sequence[tuple[int, float]],
+                           stage_first_epoch: int, seconds_per_epoch: float,
+                           lead_time_s: float) -> PrefetchRequest | None:
+    """:func:`plan_prefetch` for an adaptive run after the last epoch of ``noise_by_epoch``, in
+    1-based ``stage`` (begun at ``stage_first_epoch``): due when the next candidate stage needs
+    more workers and its predicted boundary (:func:`predict_next_stage`) is within the lead time.
+    ``plan`` is the earliest growth (:func:`~ray_sebs.plan.widest_plan`): every candidate stage's
+    workers and segment number, whenever it begins."""
+    require_seconds("lead_time_s", lead_time_s, fix=LEAD_TIME_FIX)
+    require_seconds("seconds_per_epoch", seconds_per_epoch, fix="report the epoch's wall seconds")
+    if not noise_by_epoch or stage + 1 > len(plan.stages):
+        return None
+    current, upcoming = plan.stage_plan(stage), plan.stage_plan(stage + 1)
+    if upcoming.target_workers <= current.target_workers:
+        return None
+    boundary = predict_next_stage(noise_by_epoch, stage_first_epoch,
+                                  current.stage.global_batch_size, plan)
+    if boundary is None:
+        return None
+    epoch = noise_by_epoch[-1][0]
+    epochs_left = boundary - (epoch + 1)
+    seconds_left = epochs_left * seconds_per_epoch
+    if seconds_left > lead_time_s:
+        return None
+    bundle = plan.cluster.worker_bundle()
+    extra = upcoming.target_workers - current.target_workers
+    return PrefetchRequest(
+        segment=plan.segment_of_epoch(upcoming.stage.first_epoch).index,
+        workers=upcoming.target_workers, current_workers=current.target_workers,
+        bundles=[dict(bundle) for _ in range(extra)], epoch=epoch, epochs_left=epochs_left,
+        seconds_left=seconds_left, lead_time_s=lead_time_s)
 
 
 HANDOVER_POLL_S = 0.1
@@ -180,7 +259,10 @@ class ResourcePrefetcher:
     console's thread, hence the lock). Records of an earlier segment that arrive late are ignored,
     and each segment is asked for at most once, across worker-group restarts too. Seconds per
     epoch are the mean of the segment's ``epoch_time_s`` so far: one odd epoch does not swing the
-    decision.
+    decision. For an adaptive run ``plan`` is its earliest growth and each request waits for the
+    trend of B_noise to predict the boundary (:func:`plan_adaptive_prefetch`); the current stage's
+    first epoch is the first one reported in it (after a resume mid-stage: the first one since,
+    which predicts the minimum epochs later than they end, never earlier).
 
     The hand-over: removed before the fit, the group would leave its nodes idle until the new
     Train controller registers its own request, and an idle timeout shorter than that start (the
@@ -201,6 +283,9 @@ class ResourcePrefetcher:
     _segment: int = field(default=0, init=False)
     _epoch_times: list[float] = field(default_factory=list, init=False)
     _held: Reservation | None = field(default=None, init=False)
+    _stage_noise: list[tuple[int, float]] = field(default_factory=list, init=False)
+    """``(epoch, B_noise)`` of the current stage's epochs (adaptive runs)."""
+    _stage: int | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -244,10 +329,14 @@ class ResourcePrefetcher:
 
     def on_epoch(self, record: Mapping[str, Any]) -> None:
         """An epoch record (``epoch``, ``epoch_time_s``) as the driver receives it."""
+        adaptive = self.plan.schedule.config.kind == "adaptive"
         try:
             epoch = int(record["epoch"])
             epoch_time = float(record["epoch_time_s"])
-            segment = self.plan.segment_of_epoch(epoch).index
+            # An adaptive run's own plan moves with its decisions; its records name the segment.
+            segment = int(record["segment"]) if adaptive else self.plan.segment_of_epoch(epoch).index
+            stage = int(record["stage"]) if adaptive else 0
+            noise = float(record["gradient_noise_scale"]) if adaptive else math.nan
         except (KeyError, TypeError, ValueError, IndexError) as error:
             logger.debug("resource prefetch: ignoring record (%s)", error)
             return
@@ -258,7 +347,15 @@ class ResourcePrefetcher:
                 return
             self._epoch_times.append(epoch_time)
             seconds_per_epoch = sum(self._epoch_times) / len(self._epoch_times)
-            request = plan_prefetch(self.plan, epoch, seconds_per_epoch, self.lead_time_s)
+            if not adaptive:
+                request = plan_prefetch(self.plan, epoch, seconds_per_epoch, self.lead_time_s)
+            else:
+                if stage != self._stage:
+                    self._stage, self._stage_noise = stage, []
+                self._stage_noise.append((epoch, noise))
+                request = plan_adaptive_prefetch(self.plan, stage, self._stage_noise,
+                                                 self._stage_noise[0][0], seconds_per_epoch,
+                                                 self.lead_time_s)
             if request is None or self._held is not None \
                     or any(made.segment == request.segment for made in self.requests):
                 return

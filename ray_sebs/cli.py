@@ -32,10 +32,10 @@ from ray_sebs.flags import (
     schedule_config_from_args,
 )
 from ray_sebs.interrupt import STOP_SIGNALS, Interruption, run_interruptible, shutdown_ray
-from ray_sebs.plan import ElasticPlan, build_plan
+from ray_sebs.plan import ElasticPlan, adaptive_plan_range, build_plan
 from ray_sebs.preflight import check_before_ray, connect_and_load
 from ray_sebs.report import format_table
-from ray_sebs.schedule import LR_SCALING_EXPONENTS, ScheduleConfig
+from ray_sebs.schedule import GROWING_KINDS, LR_SCALING_EXPONENTS, ScheduleConfig, epoch_budget
 
 RAY_AUTO_CONNECT_ENV = "RAY_ENABLE_AUTO_CONNECT"
 INTERRUPTED_STATUSES = frozenset(Interruption(signum).exit_code for signum in STOP_SIGNALS)
@@ -51,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
 def lr_rule(config: ScheduleConfig, optimizer: str | None = None) -> str:
     """The schedule's learning-rate rule in one line, e.g. ``lr rule: sqrt (eta_s = eta_1 *
     (B_s/B_1)^0.5 / rho^(s-1)), optimizer adamw``, with the warm-up when there is one."""
-    if config.kind == "sebs":
+    if config.kind in GROWING_KINDS:
         scaling = config.resolved_lr_scaling
         rule = (f"{scaling} (eta_s = eta_1 * (B_s/B_1)^{LR_SCALING_EXPONENTS[scaling]:g} "
                 "/ rho^(s-1))")
@@ -110,6 +110,28 @@ def format_plan(plan: ElasticPlan, baseline: ElasticPlan | None = None, *, compa
     return "\n".join(lines)
 
 
+def format_adaptive_range(earliest: ElasticPlan, latest: ElasticPlan,
+                          baseline: ElasticPlan | None = None, *, compact: bool = False,
+                          optimizer: str | None = None) -> str:
+    """An adaptive schedule's range of plans: the earliest growth in full (every stage after its
+    minimum epochs: the most workers, the fewest updates), then the latest (stage 1 for the whole
+    budget); where a run falls between them the measured noise scale decides."""
+    config = earliest.schedule.config
+    head = (f"adaptive: stage s+1 (batch x {config.growth_ratio:g}) begins at the first epoch end "
+            f"where B_noise >= {config.noise_threshold:g} x {config.growth_ratio:g} x B_s, after "
+            f"at least {config.min_epochs_per_stage} epochs of stage s; budget "
+            f"{epoch_budget(config)} epochs, at most {config.num_stages} stages")
+    latest_line = (f"latest growth (never grows): stage 1 for {latest.schedule.total_epochs} epochs, "
+                   f"{latest.total_updates:,} updates, {latest.total_samples:,} samples, "
+                   f"peak workers {latest.peak_workers}")
+    range_line = (f"range: {earliest.total_updates:,} to {latest.total_updates:,} updates, "
+                  f"peak workers {latest.peak_workers} to {earliest.peak_workers}, "
+                  f"0 to {earliest.resizes} resizes")
+    return "\n".join([head, "earliest growth (every stage after its minimum epochs):",
+                      format_plan(earliest, baseline, compact=compact, optimizer=optimizer),
+                      latest_line, range_line])
+
+
 def default_dataset_size() -> int:
     """Training rows of the default dataset (digits with the default validation split)."""
     from ray_sebs.data import DEFAULT_VALIDATION_FRACTION, DIGITS_ROWS, split_sizes
@@ -123,7 +145,12 @@ def command_plan(args: argparse.Namespace) -> int:
     schedule_config = schedule_config_from_args(args).for_optimizer(optimizer.name)
     cluster = cluster_config_from_args(args)
     dataset_size = args.dataset_size if args.dataset_size is not None else default_dataset_size()
-    plan = build_plan(schedule_config, dataset_size, cluster)
+    latest = None
+    if schedule_config.kind == "adaptive":
+        # The earliest growth sizes the cluster and the job: its peak is the most a run can need.
+        plan, latest = adaptive_plan_range(schedule_config, dataset_size, cluster)
+    else:
+        plan = build_plan(schedule_config, dataset_size, cluster)
     baseline = (build_plan(schedule_config.baseline(), dataset_size, cluster)
                 if schedule_config.kind != "ssgd" else None)
     emitted = ""
@@ -143,6 +170,10 @@ def command_plan(args: argparse.Namespace) -> int:
                 "updates_saved": baseline.total_updates - plan.total_updates,
                 "updates_saved_fraction": 1 - plan.total_updates / baseline.total_updates,
             }
+        if latest is not None:  # the document's own stages are the earliest growth
+            latest_document = latest.to_dict()
+            document["latest_growth"] = {"stages": latest_document["stages"],
+                                         "totals": latest_document["totals"]}
         text = json.dumps(document, indent=2)
         if args.json == "-":
             print(text)
@@ -151,7 +182,8 @@ def command_plan(args: argparse.Namespace) -> int:
                 handle.write(text + "\n")
             print(f"wrote {args.json}")
     if args.json != "-":
-        print(format_plan(plan, baseline, optimizer=optimizer.name))
+        print(format_plan(plan, baseline, optimizer=optimizer.name) if latest is None
+              else format_adaptive_range(plan, latest, baseline, optimizer=optimizer.name))
     if emitted:
         print(emitted, file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
@@ -199,7 +231,11 @@ def command_train(args: argparse.Namespace) -> int:
     if args.name is None:  # Ray's RunConfig names an unnamed run itself; ours says what it is
         trainer.run_config = dataclasses.replace(trainer.run_config, name=default_run_name(plan))
         args.name = trainer.run_config.name  # what an interruption tells the user to resume
-    print(format_plan(plan, compact=True, optimizer=optimizer.name), flush=True)
+    if schedule_config.kind == "adaptive":
+        print(format_adaptive_range(trainer.widest_plan(), plan, compact=True,
+                                    optimizer=optimizer.name), flush=True)
+    else:
+        print(format_plan(plan, compact=True, optimizer=optimizer.name), flush=True)
     print(flush=True)
     result = trainer.fit()
     paths = write_history(result.history, result.run_dir)
@@ -208,6 +244,10 @@ def command_train(args: argparse.Namespace) -> int:
     print(stage_table(result.history))
     print(f"updates {summary['updates']:,} (planned {summary['planned_updates']:,}), samples "
           f"{summary['samples']:,}, final validation accuracy {summary['final_validation_accuracy']:.4f}")
+    for decision in summary.get("stage_decisions", []):
+        print(f"stage {decision['stage']} began at epoch {decision['epoch']}: B_noise "
+              f"{decision['noise_scale']:.1f} >= {decision['threshold_batch_size']:g} "
+              f"(threshold x ratio x batch {decision['batch_size']})")
     print(f"wall time {summary['wall_time_s']:.1f}s, {change_totals(result.history).describe()}, "
           f"worker-seconds {summary['worker_seconds']:.1f}")
     prefix = result.run_dir.rstrip("/") + "/"

@@ -135,7 +135,9 @@ SCHEDULE_FLAGS: tuple[Flag, ...] = (
     Flag("--schedule", "schedule", field="kind", config="schedule", choices=SCHEDULE_KINDS,
          default=DEFAULTS.kind,
          help="sebs grows the batch by --ratio per stage; ssgd keeps the batch and divides the "
-              "learning rate by --ratio; constant changes nothing (default: %(default)s)"),
+              "learning rate by --ratio; constant changes nothing; adaptive grows as sebs when the "
+              "measured gradient noise scale says so (see the noise threshold) (default: "
+              "%(default)s)"),
     Flag("--batch-size", "schedule", field="initial_batch_size", config="schedule", parse=int,
          default=DEFAULTS.initial_batch_size,
          help="global batch of stage 1, summed over workers (default: %(default)s)"),
@@ -166,6 +168,16 @@ SCHEDULE_FLAGS: tuple[Flag, ...] = (
          default=DEFAULTS.warmup_updates,
          help="warm the learning rate up linearly from 0 over the run's first N updates "
               "(default: %(default)s, none)"),
+    Flag("--noise-threshold", "schedule", field="noise_threshold", config="schedule", parse=float,
+         write=format_number, default=DEFAULTS.noise_threshold,
+         help="adaptive: begin the next stage (batch x --ratio) at the first epoch end where the "
+              "smoothed gradient noise scale >= this x --ratio x the batch; 0: as soon as the "
+              "stage has run its minimum epochs (default: %(default)s)"),
+    Flag("--min-epochs-per-stage", "schedule", field="min_epochs_per_stage", config="schedule",
+         parse=int, default=DEFAULTS.min_epochs_per_stage,
+         help="adaptive: epochs a stage runs before the next may begin; the run's epoch budget "
+              "is the sum of the epochs per stage over --stages, which is also the most stages "
+              "(default: %(default)s)"),
 )
 
 DATASET_SIZE_FLAG = Flag(
@@ -299,7 +311,7 @@ SWEEP_FLAGS: tuple[Flag, ...] = (
               "(default: 1,1.5,2,4)"),
     Flag("--schedules", "sweep", field="kinds", config="sweep", parse=comma_list(str, "sebs,ssgd"),
          write=write_comma, default=("sebs", "ssgd"), metavar="K,K",
-         help="schedule kinds per ratio: sebs, ssgd, constant (default: sebs,ssgd)"),
+         help="schedule kinds per ratio: sebs, ssgd, constant, adaptive (default: sebs,ssgd)"),
     Flag("--seeds", "sweep", field="seeds", config="sweep", parse=int, default=3,
          help="seeds per configuration: --seed, --seed+1, ... (default: %(default)s)"),
     Flag("--optimizers", "sweep", field="optimizers",

@@ -71,6 +71,10 @@ class EpochRecord(TypedDict):
     units), from moving averages of both over the run's measuring updates
     (:func:`ray_sebs.loop.noise_estimate`): a global batch well below it wastes no samples, one
     above it does. NaN until |G|^2 is measurably positive."""
+    stage_start_noise_scale: float
+    """On the first epoch of a stage that an adaptive run began: the smoothed B_noise that began it
+    (at the end of the epoch before, against that stage's B_s; :class:`StageDecision`). NaN on
+    every other epoch and in the fixed schedules."""
     epoch_time_s: float
     """Seconds from the epoch's first batch request to the end of its evaluation."""
     samples_per_s: float
@@ -82,6 +86,27 @@ class EpochRecord(TypedDict):
     """Unix time of the group's first update."""
     ended_at: float
     """Unix time the epoch ended."""
+
+
+class StageDecision(TypedDict):
+    """Why an adaptive run began a stage: kept in the checkpoint and the run record, in order."""
+
+    stage: int
+    """1-based stage that began."""
+    epoch: int
+    """0-based first epoch of that stage."""
+    noise_scale: float
+    """The smoothed B_noise at the end of the epoch before."""
+    batch_size: int
+    """B_s of the stage that ended."""
+    threshold_batch_size: float
+    """``noise_threshold * rho * B_s``: what B_noise reached."""
+
+
+def stage_starts(decisions: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
+    """The first epochs of stages 2, 3, ... that ``decisions`` began, for
+    :attr:`~ray_sebs.schedule.ScheduleConfig.stage_starts`."""
+    return tuple(int(decision["epoch"]) for decision in decisions)
 
 
 HISTORY_COLUMNS: tuple[str, ...] = tuple(EpochRecord.__annotations__)
@@ -202,11 +227,17 @@ def worker_seconds(history: History) -> float:
     return sum(record["world_size"] * record["epoch_time_s"] for record in history)
 
 
-def first_reaching(history: History, target: float) -> int | None:
-    """Index of the first epoch whose validation accuracy is at least ``target``."""
+def first_reaching(history: History, target: float, metric: str = "accuracy",
+                   lower_is_better: bool = False) -> int | None:
+    """Index of the first epoch whose validation ``metric`` is at least ``target`` (at most, with
+    ``lower_is_better``, e.g. ``metric="loss"``)."""
     for index, record in enumerate(history):
-        accuracy = record["validation_accuracy"]
-        if accuracy is not None and not math.isnan(accuracy) and accuracy >= target:
+        value = record.get(f"validation_{metric}")
+        if value is None:
+            value = (record.get(METRICS_FIELD) or {}).get(metric)
+        if value is None or math.isnan(value):
+            continue
+        if (value <= target) if lower_is_better else (value >= target):
             return index
     return None
 

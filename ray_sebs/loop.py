@@ -57,12 +57,12 @@ from torch import nn
 
 from ray_sebs.console import ProgressSender
 from ray_sebs.errors import CheckpointError, InvariantError
-from ray_sebs.history import EpochRecord
+from ray_sebs.history import EpochRecord, StageDecision, stage_starts
 from ray_sebs.objective import Batch, Objective, RowSum, Summed, batch_rows, slice_rows, sum_and_count
 from ray_sebs.optim import OptimizerConfig
 from ray_sebs.plan import ElasticPlan, split_evenly
 from ray_sebs.report import format_epoch
-from ray_sebs.schedule import warmup_factor
+from ray_sebs.schedule import epoch_budget, should_grow, warmup_factor
 
 logger = logging.getLogger(__name__)
 BatchT = TypeVar("BatchT")
@@ -71,6 +71,10 @@ CHECKPOINT_FILE = "sebs_state.pt"
 NON_FINITE = "non_finite"
 """Key of :func:`train_segment`'s return value when the loss stopped being finite: the arguments of
 :class:`~ray_sebs.errors.NonFiniteLossError`, which the driver raises."""
+STAGE_DECISIONS = "stage_decisions"
+"""Key of :func:`train_segment`'s return value in an adaptive run: every
+:class:`~ray_sebs.history.StageDecision` so far, as the checkpoint holds them; the driver re-plans
+from them (a stage that needs another worker count ends the segment)."""
 EVAL_BATCH_SIZE = 1024
 NOISE_SAMPLE_EVERY = 32
 """One update in this many measures the gradient noise when it has several micro-batches: two
@@ -95,6 +99,8 @@ class TrainState:
     history: list[EpochRecord] = field(default_factory=list)
     noise_averages: tuple[float, float] | None = None
     """Moving averages of the estimates of ``|G|^2`` and ``tr(Sigma)`` (:func:`smooth_noise`)."""
+    stage_decisions: list[StageDecision] = field(default_factory=list)
+    """The stages an adaptive run began, and why (:func:`decide_next_stage`)."""
 
 
 @dataclass(frozen=True)
@@ -137,11 +143,12 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     Returns ``None``, or ``{NON_FINITE: {...}}`` on every rank when an epoch's loss was NaN or
     infinite: that epoch is not checkpointed and the run stops there. It returns rather than
     raises because a non-finite loss is deterministic: Ray Train would restart the worker group
-    from the same checkpoint ``max_failures`` times and fail the same way each time.
+    from the same checkpoint ``max_failures`` times and fail the same way each time. An adaptive
+    run returns ``{STAGE_DECISIONS: [...]}``: the segment ends where a decided stage needs
+    another worker count (a stage that keeps the count begins within the segment, no restart).
     """
     config: SegmentConfig = loop_config["segment"]
     plan = config.plan
-    segment = plan.segments[config.segment_index]
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -168,9 +175,16 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         load_model_state(model, saved["model"])
         optimizer_state = saved["optimizer"]
         state = TrainState(**saved["state"])
+    adaptive = plan.schedule.config.kind == "adaptive"
+    if adaptive:
+        # The checkpoint's decisions are the run's: a restarted worker group (or a driver that
+        # died before it recorded them) may have been given an older calendar.
+        plan = plan.with_stage_starts(stage_starts(state.stage_decisions))
+    segment = plan.segments[config.segment_index]
+    finished = {STAGE_DECISIONS: state.stage_decisions} if adaptive else None
     startup.append(("model and checkpoint", time.perf_counter()))
     if state.next_epoch >= segment.end_epoch:
-        return None  # this segment finished before a driver restart; nothing to redo
+        return finished  # this segment finished before a driver restart; nothing to redo
     if state.next_epoch < segment.first_epoch:
         raise InvariantError(f"segment {segment.index} starts at epoch {segment.first_epoch} but the "
                              f"latest checkpoint resumes at epoch {state.next_epoch}")
@@ -210,7 +224,9 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     epochs_since_checkpoint = 0
     checkpointed_epoch = resume_epoch - 1  # the epoch whose end the latest checkpoint holds
 
-    for epoch in range(resume_epoch, segment.end_epoch):
+    for epoch in itertools.count(resume_epoch):
+        if epoch >= segment.end_epoch:  # the end may move: an adaptive decision ends the segment
+            break
         stage = plan.schedule.stage_of_epoch(epoch)
         split = plan.decomposition(stage.index, world_size)
         micro_batches = split.rank_micro_batches(rank)
@@ -273,9 +289,6 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             and time.monotonic() - last_checkpoint >= config.checkpoint_every_s
         bad, due = all_reduce_max(torch.stack([
             tally.first_bad_update(), torch.tensor(int(due_by_time), device=device)])).tolist()
-        checkpoint_now = bool(due) or epoch + 1 == segment.end_epoch or (
-            config.checkpoint_every_epochs is not None
-            and epochs_since_checkpoint >= config.checkpoint_every_epochs)
         if bad >= 0:  # the same on every rank: all leave here, before reporting
             return {NON_FINITE: {"stage": stage.index, "update": int(bad),
                                  "global_batch_size": stage.global_batch_size, "epoch": epoch,
@@ -287,6 +300,22 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         state.updates += epoch_updates
         state.samples += epoch_samples
         state.noise_averages = smooth_noise(state.noise_averages, totals[5:8].tolist())
+        # The noise scale is all-reduced, so every rank takes the same decision.
+        decision = decide_next_stage(plan, epoch, noise_scale(state.noise_averages)) \
+            if adaptive else None
+        if decision is not None:
+            state.stage_decisions.append(decision)
+            plan = plan.with_stage_starts(stage_starts(state.stage_decisions))
+            segment = plan.segments[config.segment_index]  # ends here if the next stage does not fit
+            if rank == 0:
+                logger.info("stage %d begins at epoch %d: B_noise %.1f >= %.1f (threshold x rho x "
+                            "B_s=%d)%s", decision["stage"], decision["epoch"], decision["noise_scale"],
+                            decision["threshold_batch_size"], decision["batch_size"],
+                            "" if epoch + 1 < segment.end_epoch else
+                            f"; segment {segment.index} ends for another worker count")
+        checkpoint_now = bool(due) or epoch + 1 == segment.end_epoch or (
+            config.checkpoint_every_epochs is not None
+            and epochs_since_checkpoint >= config.checkpoint_every_epochs)
         validation_metrics = evaluate(module, validation, config.objective, rank, world_size,
                                       autocast) if validation is not None else {}
         epoch_time = time.perf_counter() - epoch_started
@@ -311,6 +340,8 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             validation_accuracy=validation_metrics.get("accuracy", math.nan),
             validation_metrics=validation_metrics,
             gradient_noise_scale=noise_scale(state.noise_averages),
+            stage_start_noise_scale=next((d["noise_scale"] for d in state.stage_decisions
+                                          if d["epoch"] == epoch), math.nan),
             epoch_time_s=epoch_time,
             samples_per_s=epoch_samples / train_time if train_time > 0 else math.nan,
             data_wait_fraction=data_wait / epoch_time if epoch_time > 0 else 0.0,
@@ -325,6 +356,25 @@ def train_segment(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             report_epoch(record, state, module, optimizer, rank, checkpoint=checkpoint_now)
         if checkpoint_now:
             last_checkpoint, epochs_since_checkpoint, checkpointed_epoch = time.monotonic(), 0, epoch
+    return finished
+
+
+def decide_next_stage(plan: ElasticPlan, epoch: int, noise: float) -> StageDecision | None:
+    """The adaptive rule at the end of 0-based ``epoch`` (:func:`~ray_sebs.schedule.should_grow`):
+    the decision to begin the next stage at ``epoch + 1``, or ``None``. Only the last stage begun
+    can grow, only while candidate stages are left and the budget has an epoch for the next one."""
+    config = plan.schedule.config
+    stage = plan.schedule.stage_of_epoch(epoch)
+    if stage.index != len(plan.stages) or stage.index >= config.num_stages \
+            or epoch + 1 >= epoch_budget(config):
+        return None
+    if not should_grow(noise, stage.global_batch_size, config.growth_ratio, config.noise_threshold,
+                       epoch + 1 - stage.first_epoch, config.min_epochs_per_stage):
+        return None
+    return StageDecision(stage=stage.index + 1, epoch=epoch + 1, noise_scale=noise,
+                         batch_size=stage.global_batch_size,
+                         threshold_batch_size=config.noise_threshold * config.growth_ratio
+                         * stage.global_batch_size)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -636,7 +686,8 @@ def report_epoch(record: EpochRecord, state: TrainState, module: nn.Module,
         torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "state": {"next_epoch": state.next_epoch, "updates": state.updates,
                               "samples": state.samples, "history": state.history,
-                              "noise_averages": state.noise_averages}},
+                              "noise_averages": state.noise_averages,
+                              "stage_decisions": state.stage_decisions}},
                    os.path.join(directory, CHECKPOINT_FILE))
         ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(directory))
 

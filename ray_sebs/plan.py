@@ -20,11 +20,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_sebs.errors import ConfigError
-from ray_sebs.schedule import Schedule, ScheduleConfig, Stage, build_schedule
+from ray_sebs.schedule import (
+    Schedule,
+    ScheduleConfig,
+    Stage,
+    build_schedule,
+    earliest_stage_starts,
+    epoch_budget,
+)
 
 
 @dataclass(frozen=True)
@@ -248,9 +255,20 @@ class ElasticPlan:
         return decompose(stage.global_batch_size, world_size, self.cluster.max_micro_batch,
                          self.schedule.dataset_size)
 
+    def with_stage_starts(self, stage_starts: tuple[int, ...]) -> ElasticPlan:
+        """The plan of the same run (same cluster) after the adaptive decisions ``stage_starts``:
+        candidate stage ``s`` has the same batch, workers and layout whenever it begins, so only
+        the epoch boundaries move, and segment numbers keep their meaning."""
+        config = replace(self.schedule.config, stage_starts=tuple(stage_starts))
+        return build_plan(config, self.schedule.dataset_size, self.cluster)
+
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data (what ``ray-sebs plan --json`` writes)."""
         config = self.schedule.config
+        adaptive = {} if config.kind != "adaptive" else {
+            "adaptive": {"noise_threshold": config.noise_threshold,
+                         "min_epochs_per_stage": config.min_epochs_per_stage,
+                         "epoch_budget": epoch_budget(config)}}
         return {
             "schedule": {
                 "kind": config.kind,
@@ -264,7 +282,10 @@ class ElasticPlan:
                 "batch_granularity": config.batch_granularity,
                 "lr_scaling": config.resolved_lr_scaling,
                 "warmup_updates": config.warmup_updates,
+                # Only for adaptive: the fingerprint of a fixed schedule's run stays as it was.
+                **adaptive,
             },
+            **({"stage_starts": list(config.stage_starts)} if adaptive else {}),
             "dataset_size": self.schedule.dataset_size,
             "cluster": {
                 "min_workers": self.cluster.min_workers,
@@ -336,6 +357,29 @@ def build_plan(schedule_config: ScheduleConfig, dataset_size: int,
                                     stages=(plan,)))
     return ElasticPlan(schedule=schedule, cluster=cluster, stages=tuple(stage_plans),
                        segments=tuple(segments))
+
+
+def adaptive_plan_range(schedule_config: ScheduleConfig, dataset_size: int,
+                        cluster: ClusterConfig) -> tuple[ElasticPlan, ElasticPlan]:
+    """The earliest and the latest growth of an ``adaptive`` schedule: every stage after
+    ``min_epochs_per_stage`` epochs (as many stages as the budget reaches, the most workers and
+    the fewest updates any run of it can have), and stage 1 for the whole budget (never grows)."""
+    if schedule_config.kind != "adaptive":
+        raise ConfigError("kind", schedule_config.kind, "has no range of plans",
+                          "use the adaptive schedule, or build_plan for a fixed one")
+    undecided = schedule_config.undecided()
+    earliest = build_plan(replace(undecided, stage_starts=earliest_stage_starts(undecided)),
+                          dataset_size, cluster)
+    return earliest, build_plan(undecided, dataset_size, cluster)
+
+
+def widest_plan(schedule_config: ScheduleConfig, dataset_size: int,
+                cluster: ClusterConfig) -> ElasticPlan:
+    """The plan with the most stages and workers a run of the schedule can reach, which sizes
+    workers and clusters: the earliest growth of an adaptive schedule, else its one plan."""
+    if schedule_config.kind == "adaptive":
+        return adaptive_plan_range(schedule_config, dataset_size, cluster)[0]
+    return build_plan(schedule_config, dataset_size, cluster)
 
 
 def _require_positive_int(name: str, value: object, fix: str) -> None:

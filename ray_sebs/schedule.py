@@ -9,6 +9,13 @@ learning rate given by the schedule kind:
   ``eta_s / B_s`` keeps SSGD's path.
 * ``ssgd``: ``B_1`` throughout, ``eta_s = eta_1 / rho**(s-1)`` (the paper's baseline).
 * ``constant``: ``B_1`` and ``eta_1`` throughout.
+* ``adaptive``: the stages of ``sebs`` (same batches, same learning-rate law, same cap), but when
+  each begins is decided during the run from the measured gradient noise scale: stage ``s+1``
+  begins at the first epoch boundary where the smoothed ``B_noise >= noise_threshold * rho * B_s``
+  and stage ``s`` has run ``min_epochs_per_stage`` epochs (:func:`should_grow`). The run's epoch
+  budget is the fixed schedule's, ``sum(epochs_per_stage)`` over ``num_stages`` (so the same flags
+  give SEBS and adaptive runs of equal length), and ``num_stages`` is the most stages it may reach.
+  ``stage_starts`` holds the decisions so far; the last stage begun runs to the end of the budget.
 
 The learning-rate law of ``sebs`` in general: ``eta_s = eta_1 * (B~_s / B_1)**e / rho**(s-1)``,
 where ``B~_s`` is the batch before granularity rounding (``B_1 * rho**(s-1)`` while it grows, the
@@ -34,6 +41,7 @@ This module imports neither ray nor torch: the CLI plans a run before any cluste
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -42,8 +50,12 @@ from typing import Literal
 from ray_sebs.errors import ConfigError, require_int
 from ray_sebs.optim import default_lr_scaling
 
-ScheduleKind = Literal["sebs", "ssgd", "constant"]
-SCHEDULE_KINDS: tuple[str, ...] = ("sebs", "ssgd", "constant")
+ScheduleKind = Literal["sebs", "ssgd", "constant", "adaptive"]
+SCHEDULE_KINDS: tuple[str, ...] = ("sebs", "ssgd", "constant", "adaptive")
+GROWING_KINDS: tuple[str, ...] = ("sebs", "adaptive")
+"""The kinds whose batch grows by ``rho`` per stage (:func:`stage_batch_and_lr`)."""
+RUN_DECIDED_FIELDS: tuple[str, ...] = ("stage_starts",)
+"""Fields of :class:`ScheduleConfig` that a run decides as it trains: no flag sets them."""
 LrScaling = Literal["linear", "sqrt"]
 LR_SCALINGS: tuple[str, ...] = ("linear", "sqrt")
 LR_SCALING_EXPONENTS: dict[str, float] = {"linear": 1.0, "sqrt": 0.5}
@@ -89,6 +101,18 @@ class ScheduleConfig:
     warmup_updates: int = 0
     """Linear learning-rate warm-up from 0 over the run's first N updates (:func:`warmup_factor`);
     0: none. The stage learning rates are those without warm-up."""
+
+    noise_threshold: float = 1.0
+    """``adaptive``: stage ``s+1`` may begin once ``B_noise >= noise_threshold * rho * B_s``; 0
+    grows after every ``min_epochs_per_stage`` whatever the noise (:func:`should_grow`)."""
+
+    min_epochs_per_stage: int = 1
+    """``adaptive``: epochs every stage runs before the next may begin."""
+
+    stage_starts: tuple[int, ...] = ()
+    """``adaptive``: the 0-based first epochs of stages 2, 3, ... decided so far (empty: stage 1
+    runs the whole budget). The training loop extends it; a plan built from it is the run so far
+    with the last stage begun running to the end of the budget."""
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
@@ -138,6 +162,45 @@ class ScheduleConfig:
                               "optimizer's (linear for sgd/momentum/adagrad, sqrt for adam/adamw)")
         require_int("warmup_updates", self.warmup_updates, minimum=0,
                     fix="use 0 for no warm-up, or the number of updates to warm up over")
+        if isinstance(self.noise_threshold, bool) \
+                or not isinstance(self.noise_threshold, int | float) \
+                or not math.isfinite(self.noise_threshold) or self.noise_threshold < 0:
+            raise ConfigError("noise_threshold", self.noise_threshold,
+                              "must be a finite number >= 0",
+                              "use e.g. 1: grow once B_noise reaches the next stage's batch")
+        require_int("min_epochs_per_stage", self.min_epochs_per_stage, minimum=1,
+                    fix="every stage runs at least 1 epoch")
+        self._check_stage_starts()
+
+    def _check_stage_starts(self) -> None:
+        starts = self.stage_starts
+        if isinstance(starts, Sequence) and not isinstance(starts, str):
+            starts = tuple(starts)
+            object.__setattr__(self, "stage_starts", starts)
+        else:
+            raise ConfigError("stage_starts", starts, "must be a sequence of epochs",
+                              "give the first epochs of stages 2, 3, ..., or none")
+        if not starts:
+            return
+        text = ",".join(map(str, starts))
+        if self.kind != "adaptive":
+            raise ConfigError("stage_starts", text, f"decides stage starts of a {self.kind} "
+                              "schedule, whose stages have fixed lengths",
+                              "use --schedule adaptive, or give no stage starts")
+        if len(starts) >= self.num_stages:
+            raise ConfigError("stage_starts", text, f"begins {len(starts) + 1} stages of at most "
+                              f"{self.num_stages}", "give at most num_stages - 1 starts")
+        budget = epoch_budget(self)
+        previous = 0
+        for start in starts:
+            require_int("stage_starts", start, minimum=1, fix="give 0-based epoch numbers")
+            if start - previous < self.min_epochs_per_stage or start >= budget:
+                raise ConfigError("stage_starts", text,
+                                  f"begins a stage at epoch {start}, {start - previous} epochs after "
+                                  f"the previous one, in a budget of {budget} epochs",
+                                  f"give increasing epochs {self.min_epochs_per_stage} or more apart"
+                                  f", below {budget}")
+            previous = start
 
     def epochs_of_stage(self, stage: int) -> int:
         """Epochs in 1-based ``stage``."""
@@ -148,7 +211,11 @@ class ScheduleConfig:
 
     def baseline(self) -> ScheduleConfig:
         """The SSGD schedule with the same ratio, stages, epochs and first batch."""
-        return replace(self, kind="ssgd")
+        return replace(self, kind="ssgd", stage_starts=())
+
+    def undecided(self) -> ScheduleConfig:
+        """This schedule before any adaptive decision: what a run's fingerprint holds."""
+        return replace(self, stage_starts=()) if self.stage_starts else self
 
     @property
     def resolved_lr_scaling(self) -> str:
@@ -225,8 +292,9 @@ class Schedule:
 
 
 def ideal_batch_size(config: ScheduleConfig, stage: int) -> float:
-    """``B_1 * rho**(s-1)`` for SEBS, ``B_1`` otherwise: the batch before rounding and capping."""
-    if config.kind != "sebs":
+    """``B_1 * rho**(s-1)`` for SEBS (and adaptive), ``B_1`` otherwise: the batch before rounding
+    and capping."""
+    if config.kind not in GROWING_KINDS:
         return float(config.initial_batch_size)
     return config.initial_batch_size * config.growth_ratio ** (stage - 1)
 
@@ -276,6 +344,46 @@ def warmup_factor(update_number: int, warmup_updates: int) -> float:
     return update_number / warmup_updates
 
 
+def epoch_budget(config: ScheduleConfig) -> int:
+    """Epochs of the whole run: the sum of ``epochs_per_stage`` over ``num_stages`` (for
+    ``adaptive`` too, whose stages share this budget however the run divides it)."""
+    return sum(config.epochs_of_stage(stage) for stage in range(1, config.num_stages + 1))
+
+
+def stage_lengths(config: ScheduleConfig) -> tuple[int, ...]:
+    """Epochs of each stage the schedule runs: ``epochs_per_stage`` for the fixed kinds; for
+    ``adaptive`` the stages begun at ``stage_starts``, the last running to the end of the budget."""
+    if config.kind != "adaptive":
+        return tuple(config.epochs_of_stage(stage) for stage in range(1, config.num_stages + 1))
+    bounds = (0, *config.stage_starts, epoch_budget(config))
+    return tuple(end - start for start, end in itertools.pairwise(bounds))
+
+
+def should_grow(noise_scale: float, batch_size: int, growth_ratio: float, threshold: float,
+                epochs_in_stage: int, min_epochs: int) -> bool:
+    """The adaptive rule at an epoch boundary: begin the next stage when the stage has run
+    ``min_epochs`` epochs and the smoothed gradient noise scale has reached ``threshold`` times
+    the next batch, ``rho * B_s`` (McCandlish et al. 2018: a batch below B_noise wastes few
+    samples). A NaN noise scale (not measured yet, or ``|G|^2`` not measurably positive) never
+    grows, unless ``threshold`` is 0: that asks nothing of the noise scale (whose estimate may be
+    NaN or below 0 on a few measurements), so every stage runs ``min_epochs`` epochs, the earliest
+    growth of :func:`earliest_stage_starts`. Past ``max_batch_size`` the next stage keeps the
+    batch and divides the learning rate by ``rho``, which lowers the SGD noise ``eta / B`` as a
+    batch of ``rho * B_s`` would."""
+    if epochs_in_stage < min_epochs:
+        return False
+    if threshold == 0:
+        return True
+    return not math.isnan(noise_scale) and noise_scale >= threshold * growth_ratio * batch_size
+
+
+def earliest_stage_starts(config: ScheduleConfig) -> tuple[int, ...]:
+    """``adaptive``'s earliest growth: every stage runs ``min_epochs_per_stage`` epochs, as many
+    stages as the budget reaches, the last taking the rest."""
+    budget, step = epoch_budget(config), config.min_epochs_per_stage
+    return tuple(range(step, budget, step))[:config.num_stages - 1]
+
+
 def build_schedule(config: ScheduleConfig, dataset_size: int) -> Schedule:
     """Evaluate ``config`` on a dataset of ``dataset_size`` samples.
 
@@ -285,7 +393,7 @@ def build_schedule(config: ScheduleConfig, dataset_size: int) -> Schedule:
     require_int("dataset_size", dataset_size, minimum=1, fix="the dataset needs at least 1 row")
     stages = []
     first_epoch = 0
-    for index in range(1, config.num_stages + 1):
+    for index, epochs in enumerate(stage_lengths(config), start=1):
         batch, learning_rate = stage_batch_and_lr(config, index)
         if batch > dataset_size:
             raise ConfigError(
@@ -293,10 +401,8 @@ def build_schedule(config: ScheduleConfig, dataset_size: int) -> Schedule:
                 f"is smaller than stage {index}'s global batch of {batch}",
                 "use more data, a smaller initial batch, fewer stages or a max batch size",
             )
-        epochs = config.epochs_of_stage(index)
         stages.append(Stage(index=index, first_epoch=first_epoch, epochs=epochs,
                             global_batch_size=batch, learning_rate=learning_rate,
                             updates_per_epoch=dataset_size // batch))
         first_epoch += epochs
     return Schedule(config=config, dataset_size=dataset_size, stages=tuple(stages))
-

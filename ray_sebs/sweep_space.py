@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ray_sebs.errors import ConfigError, format_number
-from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
+from ray_sebs.plan import ClusterConfig, ElasticPlan, widest_plan
 from ray_sebs.schedule import SCHEDULE_KINDS, ScheduleConfig
 
 DEFAULT_RATIOS: tuple[float, ...] = (1.0, 1.5, 2.0, 4.0)
@@ -148,7 +148,7 @@ class SweepSpace:
                     kind, ratio = "constant", 1.0
                 group.append(Configuration(kind, float(ratio), optimizer, float(learning_rate),
                                            int(batch_size)))
-            order = {"constant": 0, "sebs": 1, "ssgd": 2}
+            order = {"constant": 0, "sebs": 1, "adaptive": 2, "ssgd": 3}
             for configuration in sorted(set(group), key=lambda c: (order[c.kind], c.ratio)):
                 found.append(configuration)
         return found
@@ -166,7 +166,8 @@ class SweepSpace:
 
 def sweep_plans(space: SweepSpace, base: ScheduleConfig, dataset_size: int,
                 cluster: ClusterConfig) -> dict[Configuration, ElasticPlan]:
-    """The elastic plan of every configuration (seeds share a plan); a configuration that cannot
-    run on this data raises :class:`ConfigError` before any trial starts."""
-    return {configuration: build_plan(configuration.schedule(base), dataset_size, cluster)
+    """The elastic plan of every configuration (seeds share a plan): an adaptive one's earliest
+    growth, the most workers it can need; a configuration that cannot run on this data raises
+    :class:`ConfigError` before any trial starts."""
+    return {configuration: widest_plan(configuration.schedule(base), dataset_size, cluster)
             for configuration in space.configurations()}

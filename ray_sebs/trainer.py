@@ -46,9 +46,9 @@ from ray_sebs.errors import (
     require_int,
     require_seconds,
 )
-from ray_sebs.history import change_totals, worker_seconds
+from ray_sebs.history import change_totals, stage_starts, worker_seconds
 from ray_sebs.interrupt import ray_usable
-from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, SegmentConfig, train_segment
+from ray_sebs.loop import CHECKPOINT_FILE, NON_FINITE, STAGE_DECISIONS, SegmentConfig, train_segment
 from ray_sebs.objective import (
     BatchLossFn,
     LossFn,
@@ -60,7 +60,7 @@ from ray_sebs.objective import (
     sum_and_count,
 )
 from ray_sebs.optim import PRECISIONS, OptimizerConfig
-from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan
+from ray_sebs.plan import ClusterConfig, ElasticPlan, build_plan, widest_plan
 from ray_sebs.records import read_record, refuse_other_settings, write_record
 from ray_sebs.report import TENSORBOARD_DIR, TensorBoardWriter
 from ray_sebs.resources import (
@@ -113,7 +113,10 @@ class SEBSTrainer:
         datasets: A ``"train"`` Ray Dataset and optionally a ``"validation"`` one, with any
             columns ``batch_loss_fn`` reads; without it, ``features`` (float array) and ``label``
             (int) for the classification path.
-        schedule: The stagewise schedule (SEBS, SSGD or constant).
+        schedule: The stagewise schedule (SEBS, SSGD, constant or adaptive). An adaptive run
+            decides its stage starts as it trains (:func:`~ray_sebs.loop.decide_next_stage`):
+            workers are sized for its earliest growth, and ``SEBSResult.plan`` is the plan it
+            ran, with ``summary["stage_decisions"]`` saying why each stage began.
         cluster: Worker bounds, micro-batch cap, GPUs and per-worker resources. When
             ``resources_per_worker`` is unset, the CPUs per worker are sized from the cluster so
             that Ray Data always keeps a CPU for reading (:mod:`ray_sebs.resources`). A segment
@@ -205,6 +208,10 @@ class SEBSTrainer:
             else OptimizerConfig(name=optimizer)
         # lr_scaling=None follows the optimizer: sqrt for Adam and AdamW, linear for the others.
         self.schedule = schedule.for_optimizer(self.optimizer.name)
+        if self.schedule.stage_starts:
+            raise ConfigError("stage_starts", ",".join(map(str, self.schedule.stage_starts)),
+                              "is decided by an adaptive run as it trains",
+                              "leave it empty; a run of the same name resumes its decisions")
         if loss_fn is not None and batch_loss_fn is not None:
             raise ConfigError("loss_fn", loss_fn, "is given with batch_loss_fn",
                               "give batch_loss_fn(model, batch) alone: it computes the whole loss")
@@ -245,20 +252,30 @@ class SEBSTrainer:
         self._plan: ElasticPlan | None = None
 
     def plan(self) -> ElasticPlan:
-        """The elastic plan for the training dataset (counts its rows once)."""
+        """The elastic plan for the training dataset (counts its rows once). An adaptive
+        schedule's is the plan before any decision: stage 1 for the whole budget."""
         if self._plan is None:
             self._plan = build_plan(self.schedule, self.datasets["train"].count(), self.cluster)
         return self._plan
 
+    def widest_plan(self) -> ElasticPlan:
+        """The plan with the most stages and workers a run of the schedule can reach: the earliest
+        growth of an adaptive one (:func:`~ray_sebs.plan.adaptive_plan_range`), else the plan.
+        Worker sizes and the cluster check are taken from it."""
+        plan = self.plan()
+        if plan.schedule.config.kind != "adaptive":
+            return plan
+        return widest_plan(plan.schedule.config, plan.schedule.dataset_size, plan.cluster)
+
     def fit(self) -> SEBSResult:
         """Run every segment of the plan; resumes a run of the same name where it stopped."""
-        plan = self.plan()
+        plan, widest = self.plan(), self.widest_plan()
         if self.check_on_driver:
             check_objective(self.model_factory, self.objective, self.datasets)
         resources = ray.cluster_resources()
-        cluster = size_worker_resources(plan.cluster, plan.peak_workers, resources)
+        cluster = size_worker_resources(plan.cluster, widest.peak_workers, resources)
         data_cpus = data_cpu_reserve(self.datasets)
-        check_cluster_can_start(cluster, plan, resources, reserved_cpus=data_cpus)
+        check_cluster_can_start(cluster, widest, resources, reserved_cpus=data_cpus)
         plan = replace(plan, cluster=cluster)
         name = self.run_config.name or default_run_name(plan)
         storage_path = absolute_storage_path(self.run_config.storage_path or DEFAULT_STORAGE_PATH)
@@ -281,12 +298,20 @@ class SEBSTrainer:
         else:
             refuse_other_settings("run", name, record["fingerprint"], fingerprint)
             check_resume_checkpoint(run_dir)
+        adaptive = plan.schedule.config.kind == "adaptive"
+        # A resumed adaptive run continues its recorded calendar (the loop catches up with any
+        # decision its checkpoint holds beyond the record's).
+        plan = plan.with_stage_starts(stage_starts(record.get(STAGE_DECISIONS, []))) \
+            if adaptive else plan
+        widest = replace(self.widest_plan(), cluster=cluster)
         capacity = worker_capacity(cluster, resources, reserved_cpus=data_cpus)
-        shortage = describe_worker_shortage(plan, capacity, resources, reserved_cpus=data_cpus)
+        shortage = describe_worker_shortage(widest, capacity, resources, reserved_cpus=data_cpus)
         if shortage:
             logger.warning("%s", shortage)
         # Only an autoscaler adds nodes for pending demand; on a fixed cluster it would be noise.
-        prefetcher = ResourcePrefetcher(plan, lead_time_s=self.prefetch_lead_time_s, name=name) \
+        # An adaptive run's prefetch predicts its boundaries on the earliest growth's stages.
+        prefetcher = ResourcePrefetcher(widest if adaptive else plan,
+                                        lead_time_s=self.prefetch_lead_time_s, name=name) \
             if self.prefetch_lead_time_s is not None and autoscaling_enabled() else None
         run_config = replace(
             self.run_config, name=name, storage_path=storage_path,
@@ -298,11 +323,11 @@ class SEBSTrainer:
 
         started = time.perf_counter()
         try:
-            with run_tensorboard(run_dir) as tensorboard, controller_poll_interval(plan.peak_workers), \
+            with run_tensorboard(run_dir) as tensorboard, controller_poll_interval(widest.peak_workers), \
                     RunConsole(print_lines=self.console, on_epoch=(tensorboard.add,) + (
                         (prefetcher.on_epoch,) if prefetcher else ())) as console:
-                result = self._fit_segments(plan, run_config, record, run_dir, capacity, console.queue,
-                                            prefetcher)
+                result, plan = self._fit_segments(plan, run_config, record, run_dir, capacity,
+                                                  console.queue, prefetcher)
         finally:
             # Not after an interruption shuts Ray down: the placement group goes with the driver,
             # and a Ray call could wait on the half-closed connection.
@@ -317,6 +342,8 @@ class SEBSTrainer:
             raise InvariantError(f"run {name} ended with epochs {epochs} of "
                                  f"{plan.schedule.total_epochs} in {run_dir}")
         summary = summarize(plan, history, wall_time_s=time.perf_counter() - started)
+        if adaptive:
+            summary[STAGE_DECISIONS] = record.get(STAGE_DECISIONS, [])
         if prefetcher is not None:  # when it asked, for what, and whether the nodes were up in time
             summary["prefetch_requests"] = [asdict(request) for request in prefetcher.requests]
         return SEBSResult(plan=plan, history=history, checkpoint=checkpoint, run_dir=run_dir,
@@ -324,16 +351,20 @@ class SEBSTrainer:
 
     def _fit_segments(self, plan: ElasticPlan, run_config: RunConfig, record: dict[str, Any],
                       run_dir: str, capacity: int | None, progress_queue: Any,
-                      prefetcher: ResourcePrefetcher | None = None) -> ray.train.Result | None:
-        """One ``TorchTrainer.fit()`` per unfinished segment; the last fit's result. The
-        prefetcher hands the nodes it holds to each fit just before it starts."""
+                      prefetcher: ResourcePrefetcher | None = None,
+                      ) -> tuple[ray.train.Result | None, ElasticPlan]:
+        """One ``TorchTrainer.fit()`` per unfinished segment; the last fit's result and the plan
+        as it ended. An adaptive run's plan is re-planned from the decisions each fit returns, so
+        the next fit is the segment that holds the next epoch. The prefetcher hands the nodes it
+        holds to each fit just before it starts."""
         cluster = plan.cluster
         result = None
         finished = finished_epochs(plan, record)
         for segment in plan.segments:
             if segment.end_epoch <= finished:
                 logger.info("segment %d already finished; skipping it", segment.index)
-                continue
+        while finished < plan.schedule.total_epochs:
+            segment = plan.segment_of_epoch(finished)
             minimum = min(cluster.min_workers, segment.workers)
             # Nodes the prefetch held are there now: ask for the whole target at once. An elastic
             # range would start with what Ray Train's autoscaling coordinator has seen, whose view
@@ -369,12 +400,20 @@ class SEBSTrainer:
                 raise NonFiniteLossError(
                     **outcome[NON_FINITE],
                     checkpoint=result.checkpoint.path if result.checkpoint else None)
+            if isinstance(outcome, Mapping) and STAGE_DECISIONS in outcome:
+                record[STAGE_DECISIONS] = list(outcome[STAGE_DECISIONS])
+                plan = plan.with_stage_starts(stage_starts(record[STAGE_DECISIONS]))
+                segment = plan.segments[segment.index]  # where the decisions ended it
             record["segments"][str(segment.index)] = {
                 "workers": workers, "end_epoch": segment.end_epoch,
                 "fit_s": time.perf_counter() - segment_started,
                 "checkpoint": result.checkpoint.path if result.checkpoint else None}
             save_run_record(run_dir, record)
-        return result
+            if segment.end_epoch <= finished:
+                raise InvariantError(f"segment {segment.index} ended at epoch {segment.end_epoch}, "
+                                     f"not after epoch {finished} where it began")
+            finished = segment.end_epoch
+        return result, plan
 
 
 def check_objective(model_factory: Callable[[], torch.nn.Module], objective: Objective,

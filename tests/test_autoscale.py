@@ -9,6 +9,7 @@ autoscaler is in ``tests/test_autoscaler.py``.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import replace
@@ -19,10 +20,12 @@ from ray_sebs.autoscale import (
     DEFAULT_LEAD_TIME_S,
     PlacementGroupReservation,
     ResourcePrefetcher,
+    plan_adaptive_prefetch,
     plan_prefetch,
+    predict_next_stage,
 )
 from ray_sebs.errors import ConfigError
-from ray_sebs.plan import ClusterConfig, ElasticPlan, Segment, build_plan
+from ray_sebs.plan import ClusterConfig, ElasticPlan, Segment, build_plan, widest_plan
 from ray_sebs.schedule import ScheduleConfig
 
 BUNDLE = {"CPU": 0.5}
@@ -286,3 +289,67 @@ def test_a_real_placement_group_is_held_and_removed(ray_cluster: None) -> None:
         remove_placement_group(other)
     held.remove()
     assert placement_group_table(held.group)["state"] == "REMOVED"
+
+
+# --------------------------------------------------------------------------------------------
+# an adaptive run: the boundary predicted from the trend of B_noise
+
+
+@pytest.fixture(scope="module")
+def adaptive_plan() -> ElasticPlan:
+    """The earliest growth of an adaptive run whose stages want 1, 2 and 4 workers (B = 8, 16,
+    32), each after at least 2 epochs, in a budget of 12 epochs."""
+    config = ScheduleConfig(kind="adaptive", initial_batch_size=8, growth_ratio=2, num_stages=3,
+                            epochs_per_stage=4, min_epochs_per_stage=2, noise_threshold=1.0)
+    plan = widest_plan(config, 1000, ClusterConfig(max_workers=4, max_micro_batch=8,
+                                                   resources_per_worker=BUNDLE))
+    assert [(s.workers, s.first_epoch) for s in plan.segments] == [(1, 0), (2, 2), (4, 4)]
+    return plan
+
+
+def test_the_trend_of_the_noise_scale_predicts_the_boundary(adaptive_plan: ElasticPlan) -> None:
+    # Stage 1 (B=8) grows once B_noise >= 1 x 2 x 8 = 16.
+    rising = [(0, 4.0), (1, 8.0), (2, 12.0)]  # +4 an epoch: 16 at the end of epoch 3
+    assert predict_next_stage(rising, 0, 8, adaptive_plan) == 4
+    assert predict_next_stage(rising[:2], 0, 8, adaptive_plan) == 4
+    assert predict_next_stage(rising[:1], 0, 8, adaptive_plan) is None, "one point: no trend"
+    assert predict_next_stage([(0, 20.0)], 0, 8, adaptive_plan) == 2, "passes, after the minimum"
+    assert predict_next_stage([(0, 5.0), (1, 20.0), (2, 30.0)], 0, 8, adaptive_plan) == 3
+    assert predict_next_stage([(0, 12.0), (1, 8.0), (2, 4.0)], 0, 8, adaptive_plan) is None
+    assert predict_next_stage([(0, 12.0), (1, 12.0)], 0, 8, adaptive_plan) is None, "flat"
+    assert predict_next_stage([(0, 1.0), (1, 1.1)], 0, 8, adaptive_plan) is None, "past the budget"
+    assert predict_next_stage([(0, math.nan), (1, 4.0), (2, 8.0)], 0, 8, adaptive_plan) == 5
+    zero = replace(adaptive_plan, schedule=replace(
+        adaptive_plan.schedule, config=replace(adaptive_plan.schedule.config, noise_threshold=0)))
+    assert predict_next_stage([(0, math.nan)], 0, 8, zero) == 2, "threshold 0: the minimum"
+
+
+def test_an_adaptive_request_is_made_when_the_predicted_boundary_is_within_the_lead_time(
+        adaptive_plan: ElasticPlan) -> None:
+    rising = [(0, 4.0), (1, 8.0), (2, 12.0)]  # boundary predicted at epoch 4
+    assert plan_adaptive_prefetch(adaptive_plan, 1, rising[:2], 0, 10.0, lead_time_s=15) is None
+    request = plan_adaptive_prefetch(adaptive_plan, 1, rising, 0, 10.0, lead_time_s=15)
+    assert request is not None
+    assert (request.segment, request.workers, request.current_workers, request.epochs_left) \
+        == (1, 2, 1, 1)
+    assert request.bundles == [BUNDLE]
+    early = plan_adaptive_prefetch(adaptive_plan, 1, rising[:2], 0, 10.0, lead_time_s=25)
+    assert early is not None and early.epochs_left == 2
+    assert plan_adaptive_prefetch(adaptive_plan, 3, rising, 0, 10.0, lead_time_s=10**6) is None, \
+        "no stage after the last"
+
+
+def test_the_prefetcher_follows_an_adaptive_runs_stages(adaptive_plan: ElasticPlan) -> None:
+    prefetcher, cluster = prefetcher_for(adaptive_plan, lead_time_s=15)
+    prefetcher.start_segment(0)
+    for index, noise in enumerate([4.0, 8.0, 12.0]):
+        prefetcher.on_epoch({"epoch": index, "epoch_time_s": 10.0, "segment": 0, "stage": 1,
+                             "gradient_noise_scale": noise})
+    assert [(r.segment, r.epoch) for r in prefetcher.requests] == [(1, 2)]
+    prefetcher.start_segment(1)  # the run grew at epoch 4: stage 2 (B=16), threshold 32
+    for index, noise in zip(range(4, 7), [10.0, 20.0, 30.0], strict=True):
+        prefetcher.on_epoch({"epoch": index, "epoch_time_s": 10.0, "segment": 1, "stage": 2,
+                             "gradient_noise_scale": noise})
+    assert [(r.segment, r.epoch, r.workers) for r in prefetcher.requests] == [(1, 2, 2), (2, 6, 4)]
+    prefetcher.release()
+    assert cluster.log == [("reserve", 1), ("remove", 1), ("reserve", 2), ("remove", 2)]

@@ -24,7 +24,7 @@ ALL_FLAGS = ("--schedule", "--batch-size", "--ratio", "--stages", "--epochs-per-
              "--max-batch-size", "--batch-granularity", "--dataset-size", "--min-workers",
              "--max-workers", "--max-micro-batch", "--use-gpu", "--resources-per-worker", "--json",
              "--lr-scaling", "--warmup-updates", "--optimizer", "--momentum", "--weight-decay",
-             "--clip-grad-norm")
+             "--clip-grad-norm", "--noise-threshold", "--min-epochs-per-stage")
 
 TABLE_COLUMNS = ("stage", "epochs", "batch", "lr", "workers", "micro x accum", "updates", "samples")
 

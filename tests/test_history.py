@@ -63,9 +63,14 @@ def test_wall_time_worker_seconds_and_first_epoch_reaching_a_target():
     assert first_reaching(history, 0.8) == 2
     assert first_reaching(history, 0.9) is None
     assert first_reaching([{**history[0], "validation_accuracy": math.nan}], 0.0) is None
+    losses = [{"validation_loss": loss} for loss in (3.0, math.nan, 2.0, 1.5)]
+    assert first_reaching(losses, 2.0, metric="loss", lower_is_better=True) == 2
+    assert first_reaching(losses, 1.0, metric="loss", lower_is_better=True) is None
+    assert first_reaching([{"validation_metrics": {"perplexity": 7.0}}], 8.0, metric="perplexity",
+                          lower_is_better=True) == 0
 
 
 def test_the_record_names_every_history_column_once():
     assert HISTORY_COLUMNS[:3] == ("epoch", "stage", "segment")
     assert HISTORY_COLUMNS[-3:] == ("segment_started_at", "first_update_at", "ended_at")
-    assert len(set(HISTORY_COLUMNS)) == len(HISTORY_COLUMNS) == 26
+    assert len(set(HISTORY_COLUMNS)) == len(HISTORY_COLUMNS) == 27

@@ -399,7 +399,8 @@ def test_plan_flags_spell_out_every_setting() -> None:
     flags = kuberay.plan_flags(schedule, cluster)
     assert " ".join(flags) == (
         "--schedule ssgd --batch-size 24 --ratio 1.5 --stages 3 --epochs-per-stage 1,2,3 --lr 0.05 "
-        "--max-batch-size 48 --batch-granularity 4 --warmup-updates 0 --min-workers 2 --max-workers 6 "
+        "--max-batch-size 48 --batch-granularity 4 --warmup-updates 0 --noise-threshold 1 "
+        "--min-epochs-per-stage 1 --min-workers 2 --max-workers 6 "
         "--max-micro-batch 12 --use-gpu --resources-per-worker CPU=2.5,GPU=1")
     args = build_parser().parse_args(["plan", *flags])
     assert schedule_config_from_args(args) == schedule
