@@ -117,6 +117,13 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def stage_starts_text(decisions: Sequence[dict[str, Any]]) -> str:
+    """An adaptive run's ``summary["stage_decisions"]`` in a cell: ``s2@e3 (45>=32)`` per stage
+    begun, at its first epoch, with the B_noise that began it and ``noise_threshold x rho x B_s``."""
+    return "; ".join(f"s{d['stage']}@e{d['epoch']} ({d['noise_scale']:.0f}>={d['threshold_batch_size']:g})"
+                     for d in decisions) or "none (stage 1 throughout)"
+
+
 def start_local_ray(num_cpus: int | None) -> bool:
     """Start a local Ray unless one is running (tests share theirs); True when this call started it."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -8,10 +8,14 @@ the initial weights; the runs of a seed are interleaved (SEBS first on even seed
 odd ones). Target: SEBS within 1 point of SSGD's accuracy with about half the updates.
 
 ``--arms`` compares other schedules and learning-rate laws, e.g. for AdamW the square-root law
-against today's linear one and SSGD-style decay (issue 13's fidelity runs):
+against today's linear one and SSGD-style decay (issue 13's fidelity runs), or the adaptive
+schedule (its noise threshold 1, at least 1 epoch per stage; the table says at which epochs its
+stages began) against SEBS and SSGD (``--arms adaptive,sebs,ssgd``; the language-model comparison
+is ``schedules_lm.py``):
 
     python benchmarks/sebs_vs_ssgd.py [--seeds 3] [--smoke] [--device cuda]
     python benchmarks/sebs_vs_ssgd.py --optimizer adamw --lr 0.003 --arms sebs:sqrt,sebs:linear,ssgd
+    python benchmarks/sebs_vs_ssgd.py --arms adaptive,sebs,ssgd
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def run(arm: str, seed: int, data: Any, args: argparse.Namespace, storage: str) 
             "wall": time.perf_counter() - started, "restarts": summary["resizes"] + summary["recoveries"],
             "restart_s": summary["resize_time_s"] + summary["recovery_time_s"],
             "peak_workers": summary["peak_workers"],
+            "stage_starts": common.stage_starts_text(summary["stage_decisions"])
+            if kind == "adaptive" else "",
             "train_rows": result.plan.schedule.dataset_size}
 
 
@@ -113,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{runs[0]['train_rows']} training rows, B1={args.batch_size}, {args.stages} stages x "
           f"{args.epochs_per_stage} epochs, lr {args.lr:g}, {args.optimizer}\n")
     print(common.table(("seed", "schedule", "val acc", "val loss", "updates", "planned", "peak workers",
-                        "restarts", "restart s", "wall s"),
+                        "restarts", "restart s", "wall s", "adaptive stage starts (B_noise>=)"),
                        [(r["seed"], r["kind"], f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", r["updates"],
                          r["planned"],
-                         r["peak_workers"], r["restarts"], f"{r['restart_s']:.1f}", f"{r['wall']:.1f}")
+                         r["peak_workers"], r["restarts"], f"{r['restart_s']:.1f}", f"{r['wall']:.1f}",
+                         r["stage_starts"])
                         for r in runs]))
     rows, means = [], {}
     for kind in dict.fromkeys(r["kind"] for r in runs):

@@ -249,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                         help="bf16 autocast or plain fp32; unset: bf16 with --use-gpu, else fp32 (at "
                              "this model's width CPU bf16 measured 1.4x slower than fp32, same loss)")
+    parser.add_argument("--keep-multiple-of", type=int, default=None,
+                        help="keep a multiple of this many training rows; unset: of the largest batch "
+                             "SEBS reaches at --ratio (a comparison of ratios passes a common multiple)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--address", default=None,
                         help="an existing Ray cluster (e.g. auto); unset: a new local Ray")
@@ -273,9 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from ray_sebs import ClusterConfig, OptimizerConfig, ScheduleConfig, SEBSTrainer, build_schedule
     from ray_sebs.history import every_update_exact
-    from ray_sebs.schedule import stage_batch_and_lr
     from ray_sebs.preflight import start_or_join_ray
     from ray_sebs.report import stage_table, write_history
+    from ray_sebs.schedule import stage_batch_and_lr
 
     # As `ray-sebs train` does: join --address, else a new local Ray in this process (even when
     # another runs on the machine); Ray's own INFO lines stay in its log files.
@@ -296,7 +299,14 @@ def main(argv: list[str] | None = None) -> dict:
     sebs = replace(schedule, kind="sebs")
     last_batch = max(stage_batch_and_lr(sebs, stage)[0] for stage in range(1, args.stages + 1))
     build_schedule(sebs, len(train_rows))  # says so when the data is smaller than the last batch
+    if args.keep_multiple_of is not None:
+        if args.keep_multiple_of % last_batch:
+            raise SystemExit(f"--keep-multiple-of {args.keep_multiple_of} is not a multiple of the "
+                             f"largest batch, {last_batch}")
+        last_batch = args.keep_multiple_of
     train_rows = train_rows[: len(train_rows) // last_batch * last_batch]
+    if not len(train_rows):
+        raise SystemExit(f"fewer training rows than {last_batch}: use more --source-bytes")
     train_targets = target_count(train_rows)
     padded = int((train_rows[:, -1] == PAD).sum())
     print(f"data: {len(train_files)} training files, {len(validation_files)} validation files of "

@@ -1,7 +1,7 @@
 """Every benchmark at its ``--smoke`` size, so the scripts cannot rot.
 
-The two without Ray run as the command users type (a subprocess). The four Ray ones run in this
-process on the module's shared local Ray (one start instead of four), each with at most one small
+The two without Ray run as the command users type (a subprocess). The five Ray ones run in this
+process on the module's shared local Ray (one start instead of five), each with at most one small
 ``fit()`` per variant it compares. Figures are not checked, only that each script runs end to end
 and prints its table and verdict.
 """
@@ -61,6 +61,17 @@ def test_sebs_vs_ssgd_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     output = capsys.readouterr().out
     assert "sebs:linear: updates / SSGD's" in output
     assert "final val acc" in output
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_schedules_lm_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    # One worker (passed on to byte_gpt): no resize, so three tiny fits take seconds.
+    assert load("schedules_lm").main(["--smoke", "--max-workers", "1"]) == 0
+    output = capsys.readouterr().out
+    assert "target: validation loss <=" in output and "(SSGD's mean final validation loss)" in output
+    assert "updates to target" in output and "sebs rho=2" in output
+    assert "target: adaptive reaches the target with no more updates than the best fixed SEBS arm:" in output
 
 
 @pytest.mark.ray
