@@ -499,6 +499,14 @@ class ShardBatches:
         return self.columns
 
 
+NoiseMeasurement = tuple[list[torch.Tensor], torch.Tensor, "torch.Tensor | int | float",
+                         list[torch.Tensor], torch.Tensor]
+"""One measuring update: the per-parameter L2 norms of its first micro-batch's gradient (local,
+so ``scale`` x the sum of its per-unit gradients), that ``scale``, the micro-batch's units (rows,
+or a summed loss's count), the per-parameter norms of the whole update's mean gradient and its
+global units."""
+
+
 @dataclass
 class EpochTally:
     """One rank's record of an epoch's updates, summed once at the end of the epoch.
@@ -518,16 +526,22 @@ class EpochTally:
     """Rows each update used on this rank: counted, not assumed (the invariant's evidence)."""
     steps_per_update: list[int] = field(default_factory=list)
     """Micro-steps of each update (one more on an update split to measure the noise)."""
-    noise_measurements: list[torch.Tensor] = field(default_factory=list)
-    """``[small |g|^2, small batch, big |g|^2, big batch]`` of each measuring update: the squared
-    norms of its two mean gradients and the units (rows, or a summed loss's count) they are over;
-    turned into estimates once per epoch (:func:`noise_estimate`)."""
+    noise_measurements: list[NoiseMeasurement] = field(default_factory=list)
+    """What each measuring update saw, kept raw: turned into estimates once per epoch
+    (:func:`noise_estimate`), since every op per measurement is paid on the update's critical path."""
 
     def noise_sums(self) -> torch.Tensor:
         """``[sum |G|^2, sum tr(Sigma), measurements]`` of the epoch on this rank, float64."""
         if not self.noise_measurements:
             return torch.zeros(3, dtype=torch.float64, device=self.device)
-        return noise_estimate(*torch.stack(self.noise_measurements).double().unbind(dim=1)).sum(dim=0)
+        columns = list(zip(*self.noise_measurements, strict=True))
+        small_norms, big_norms = columns[0], columns[3]
+        small_scale, small_units, big_units = (count_tensors(list(columns[index]), self.device)
+                                               for index in (1, 2, 4))
+        # The small batch's gradient is still scale x its per-unit sum: make it a mean.
+        small_norm_sq = squared_norms(small_norms, self.device) / (small_scale * small_units) ** 2
+        return noise_estimate(small_norm_sq, small_units, squared_norms(big_norms, self.device),
+                              big_units).sum(dim=0)
 
     def loss_sum(self) -> torch.Tensor:
         if not self.step_losses:
@@ -560,6 +574,13 @@ def count_tensor(counts: list[torch.Tensor | int | float], device: torch.device)
     return total + torch.stack(tensors).sum() if tensors else total
 
 
+def count_tensors(counts: list[torch.Tensor | int | float], device: torch.device) -> torch.Tensor:
+    """``counts`` (numbers and device scalars) as one float64 vector on ``device``."""
+    return torch.stack([count.to(device, torch.float64).reshape(()) if isinstance(count, torch.Tensor)
+                        else torch.tensor(float(count), dtype=torch.float64, device=device)
+                        for count in counts])
+
+
 def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
                  batch: Batch, rule: UpdateRule, tally: EpochTally) -> None:
     """Steps 2-4 of one update on this rank: micro-batches, weighted backward, one optimizer step.
@@ -578,7 +599,7 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
     offset = rows = 0
     batch_size = batch_rows(batch)
     per_row: bool | None = None
-    small: tuple[torch.Tensor, torch.Tensor] | None = None  # (squared norm, its batch)
+    small: tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | int | float] | None = None
     update_counts: list[torch.Tensor | int | float] = []
     for step, size in enumerate(micro_batches):
         sync = step == len(micro_batches) - 1
@@ -599,10 +620,8 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
         tally.step_counts.append(count if per_row or not isinstance(count, torch.Tensor)
                                  else count.detach())
         update_counts.append(tally.step_counts[-1])
-        if measuring and step == 0:
-            # Still local (no_sync): scale x the sum of this micro-batch's per-unit gradients.
-            units = count_tensor([tally.step_counts[-1]], scale.device)
-            small = (gradient_norm_squared(model) / (scale * units) ** 2, units)
+        if measuring and step == 0:  # still local (no_sync): the small batch's gradient
+            small = (gradient_norms(model), scale, tally.step_counts[-1])
         offset += size
         rows += size
     global_units = rule.global_batch_size
@@ -614,8 +633,7 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
             if parameter.grad is not None:
                 parameter.grad.div_(divisor.to(parameter.grad.dtype))
     if small is not None:
-        tally.noise_measurements.append(torch.stack(
-            [*small, gradient_norm_squared(model), global_units.double()]))
+        tally.noise_measurements.append((*small, gradient_norms(model), global_units))
     if rule.clip_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), rule.clip_grad_norm)
     tally.rows_per_update.append(rows)
@@ -624,10 +642,21 @@ def train_update(model: nn.Module, optimizer: torch.optim.Optimizer, objective: 
     optimizer.zero_grad(set_to_none=True)
 
 
-def gradient_norm_squared(model: nn.Module) -> torch.Tensor:
-    """The squared global L2 norm of the model's gradients, a device scalar (no host sync)."""
-    grads = [parameter.grad for parameter in model.parameters() if parameter.grad is not None]
-    return torch.nn.utils.get_total_norm(grads).double() ** 2
+def gradient_norms(model: nn.Module) -> list[torch.Tensor]:
+    """The L2 norm of each parameter's gradient, device scalars (no host sync).
+
+    One fused kernel per device and dtype (``torch._foreach_norm``, the op behind
+    ``clip_grad_norm_`` and the foreach optimizers): ``get_total_norm``'s grouping and
+    stacking in Python cost twice as much on a small model, on every measuring update.
+    """
+    return list(torch._foreach_norm(
+        [parameter.grad for parameter in model.parameters() if parameter.grad is not None]))
+
+
+def squared_norms(per_parameter: tuple[list[torch.Tensor], ...], device: torch.device) -> torch.Tensor:
+    """The squared global L2 norm of each set of per-parameter norms, a float64 vector."""
+    return torch.stack([torch.stack(norms).to(device, torch.float64).square().sum()
+                        for norms in per_parameter])
 
 
 def noise_estimate(small_norm_sq: torch.Tensor, small_batch: torch.Tensor, big_norm_sq: torch.Tensor,
