@@ -71,7 +71,8 @@ def test_schedules_lm_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     output = capsys.readouterr().out
     assert "target: validation loss <=" in output and "(SSGD's mean final validation loss)" in output
     assert "updates to target" in output and "sebs rho=2" in output
-    assert "target: adaptive reaches the target with no more updates than the best fixed SEBS arm:" in output
+    assert "target: adaptive t=1 reaches the target with no more updates than the best fixed SEBS arm:" \
+        in output
 
 
 @pytest.mark.ray
